@@ -1,0 +1,153 @@
+//! End to end: the real `tern-server` binary on defaults (dual-stack, generated certificates),
+//! `tern-server token`, and `tern-chat whoami` against it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+
+fn chat_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tern-chat"))
+}
+
+/// `tern-server` is built into the same directory by a workspace build or test run.
+fn server_bin() -> PathBuf {
+    let path = chat_bin().with_file_name(format!("tern-server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn token(dir: &Path, user: &str, extra: &[&str]) -> String {
+    let out = Command::new(server_bin())
+        .args(["token", "--user", user])
+        .args(extra)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn whoami(dir: &Path, port: u16, token: &str) -> Output {
+    Command::new(chat_bin())
+        .arg("whoami")
+        .env("TERN_SERVER", format!("localhost:{port}"))
+        .env("TERN_TOKEN", token)
+        .env_remove("TERN_CA")
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn token_then_whoami_against_the_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = token(dir.path(), "alice", &["--device", "phone", "--ttl", "2h"]);
+
+    // The token is a JWT whose payload carries sub, device and a future exp.
+    let payload = token.split('.').nth(1).expect("three JWT parts");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["device"], "phone");
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(
+        exp > now + 7000 && exp <= now + 7200 + 5,
+        "exp {exp} is not ~2h ahead"
+    );
+
+    let port = free_udp_port();
+    let server = ServerProcess(
+        Command::new(server_bin())
+            .args(["--listen", &format!("[::]:{port}")])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // First start generates certificates into ./certs and the secret stays the one in ./data.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = whoami(dir.path(), port, &token);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        out.status.success(),
+        "whoami: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let session: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(session["user"], "alice");
+    assert_eq!(session["device"], "phone");
+    assert!(session["server_time_ms"].as_u64().unwrap() / 1000 >= now - 5);
+    for file in [
+        "certs/ca.pem",
+        "certs/server.pem",
+        "certs/server.key",
+        "data/jwt.secret",
+    ] {
+        assert!(dir.path().join(file).exists(), "{file} was not generated");
+    }
+
+    // A token from elsewhere is refused with a typed error and a failing exit status.
+    let forged = format!("{}.{}.AAAA", token.split('.').next().unwrap(), payload);
+    let out = whoami(dir.path(), port, &forged);
+    assert!(!out.status.success());
+    let error: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(error["code"], "TOKEN_INVALID");
+
+    // SIGTERM shuts the server down gracefully.
+    let mut server = server;
+    let status = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            assert!(status.success(), "server exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

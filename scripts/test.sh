@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every check tern has: format, lints, Rust tests, and interop tests in other languages.
+# Works on a fresh machine: it installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "dependencies"
+if ! python3 -c 'import aioquic' 2>/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check aioquic
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --bins --locked
+
+step "Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+    cargo test --workspace --doc --locked
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
+
+step "QUIC interop (aioquic)"
+python3 tests/interop/quic_interop.py target/debug/tern-server

@@ -1,0 +1,163 @@
+//! Server configuration: every default is chosen for a phone-facing server and says why.
+//!
+//! Configuration comes from an optional TOML file (`--config`), then command-line flags, which
+//! win. Every field has a default, so an empty file (or none) is a working configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address to listen on. `[::]:4433` is dual-stack: IPv6 and IPv4-mapped clients both
+    /// arrive on one socket, because mobile networks hand out either.
+    pub listen: SocketAddr,
+    /// Where the JWT secret (and later the inbox) live.
+    pub data_dir: PathBuf,
+    /// A real certificate chain (PEM). With `key`; when absent, development certificates are
+    /// generated into `certs_dir` on first start and reused afterwards.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Where development certificates are generated.
+    pub certs_dir: PathBuf,
+    /// HS256 secret for client tokens. When absent, one is generated into `data_dir/jwt.secret`
+    /// on first start. Also read from `TERN_JWT_SECRET`.
+    pub jwt_secret: Option<String>,
+    /// Seconds a new connection has to open its control stream and present a valid token.
+    /// 5 s covers a slow 3G handshake plus one retransmission, while idle sockets from scanners
+    /// are dropped quickly.
+    pub auth_timeout_secs: u64,
+    /// Seconds without any packet before a connection is dropped. Must exceed the client's
+    /// keep-alive interval; 60 s tolerates a background phone that keeps alive every 25–30 s.
+    pub idle_timeout_secs: u64,
+    /// Maximum bytes of one stream frame (length prefix excluded).
+    pub max_frame_bytes: u32,
+    /// Maximum bytes of one message (text plus payload). 64 KiB: chat text and attachment
+    /// references, not the attachments themselves.
+    pub max_message_bytes: u32,
+    /// Maximum members of a group.
+    pub max_group_members: u32,
+    /// Requested UDP socket send and receive buffer, bytes. The kernel default (208 KiB) drops
+    /// handshake packets once ~100 handshakes are in flight; 4 MiB removes the drops (see
+    /// shared/BASELINES.md). The kernel caps it at `net.core.rmem_max`.
+    pub udp_buffer_bytes: usize,
+    /// Concurrent bidirectional streams a client may open: the control stream, one per active
+    /// conversation and a few requests. quinn pre-allocates per allowed stream (about 115 KB
+    /// per connection at 1,024), so this stays small; a client with more conversations active
+    /// reuses streams (they close when idle).
+    pub max_client_bidi_streams: u32,
+    /// Tokio worker threads. 1 runs a current-thread runtime, which drove quinn 1.5–3× faster
+    /// than a multi-thread runtime on this project's 2-core machines (shared/BASELINES.md).
+    pub worker_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 4433)),
+            data_dir: PathBuf::from("data"),
+            cert: None,
+            key: None,
+            certs_dir: PathBuf::from("certs"),
+            jwt_secret: None,
+            auth_timeout_secs: 5,
+            idle_timeout_secs: 60,
+            max_frame_bytes: tern_protocol::DEFAULT_MAX_FRAME_BYTES as u32,
+            max_message_bytes: 64 * 1024,
+            max_group_members: 10_000,
+            udp_buffer_bytes: 4 * 1024 * 1024,
+            max_client_bidi_streams: 64,
+            worker_threads: 1,
+        }
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; missing fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(ConfigError::Invalid("--cert and --key go together".into()));
+        }
+        if self.max_message_bytes >= self.max_frame_bytes {
+            return Err(ConfigError::Invalid(
+                "max_message_bytes must be below max_frame_bytes (the envelope needs room)".into(),
+            ));
+        }
+        if self.auth_timeout_secs == 0 || self.idle_timeout_secs == 0 {
+            return Err(ConfigError::Invalid("timeouts must be positive".into()));
+        }
+        if self.max_client_bidi_streams < 2 {
+            return Err(ConfigError::Invalid(
+                "max_client_bidi_streams must be at least 2".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_secs(self.auth_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config.listen.port(), 4433);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("lisen = \"[::]:1\"").is_err());
+    }
+
+    #[test]
+    fn cert_without_key_is_invalid() {
+        let config = Config {
+            cert: Some("x.pem".into()),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! In-process test server on 127.0.0.1:0 with its own data directory and certificates.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_client::{Client, ClientConfig, Event, Trust};
+use tern_server::{Config, ServerState};
+use tokio::sync::{mpsc, oneshot};
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub state: Arc<ServerState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            certs_dir: dir.path().join("certs"),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let (endpoint, state) = tern_server::start(config).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let ca_pem = std::fs::read_to_string(dir.path().join("certs/ca.pem")).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(tern_server::run(endpoint, state.clone(), async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            ca_pem,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    pub fn token(&self, user: &str, device: &str) -> String {
+        self.state
+            .auth
+            .mint(user, device, Duration::from_secs(3600))
+            .unwrap()
+    }
+
+    pub fn config(&self, token: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(
+            format!("127.0.0.1:{}", self.addr.port()),
+            token,
+            Trust::CaPem(self.ca_pem.clone()),
+        );
+        config.server_name = Some("localhost".into());
+        config
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> (Client, mpsc::Receiver<Event>) {
+        Client::connect(self.config(&self.token(user, device)))
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// Waits for the next event, failing the test after `secs`.
+pub async fn next_event(events: &mut mpsc::Receiver<Event>, secs: u64) -> Event {
+    tokio::time::timeout(Duration::from_secs(secs), events.recv())
+        .await
+        .expect("timed out waiting for an event")
+        .expect("event channel closed")
+}
