@@ -29,4 +29,4 @@ else
 fi
 
 step "QUIC interop (aioquic)"
-python3 tests/interop/quic_interop.py target/debug/tern-server
+python3 tests/interop/quic_interop.py "${CARGO_TARGET_DIR:-target}/debug/tern-server"
