@@ -2,36 +2,41 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tern_client::ClientError> {
-//! use tern_client::{Client, ClientConfig, Trust};
+//! use tern_client::{Client, ClientConfig, Event, SendTarget, Trust};
 //! let config = ClientConfig::new("localhost:4433", "TOKEN", Trust::CaFile("certs/ca.pem".into()));
 //! let (client, mut events) = Client::connect(config).await?;
-//! println!("signed in as {}", client.session().user);
+//! client.send(SendTarget::User("bob".into()), "hello", None).await?;
 //! while let Some(event) = events.recv().await {
-//!     println!("{event:?}");
+//!     if let Event::Message { message, .. } = event {
+//!         println!("{}: {}", message.sender, message.text);
+//!     }
 //! }
 //! # Ok(()) }
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod error;
+mod inbox;
+mod messaging;
 mod transport;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, server_frame};
 use tern_protocol::{ErrorCode, PROTOCOL_VERSION};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 pub use error::ClientError;
+pub use messaging::{SendTarget, SentMessage, SyncResult};
 pub use tern_protocol;
-use transport::FrameReader;
 pub use transport::{TransportSettings, Trust};
+use transport::FrameReader;
 
-/// Capacity of the event channel; when the app does not drain it, the client stops reading
-/// pushes (back-pressure to the server) rather than buffering without bound.
+/// Capacity of the event channel. When the app does not drain it, the client stops reading
+/// pushes (flow control back to the server) rather than buffering without bound.
 const EVENT_CAPACITY: usize = 1024;
 
 /// How to reach and authenticate with a server.
@@ -46,8 +51,12 @@ pub struct ClientConfig {
     pub token: String,
     /// Sent in Hello, for server logs.
     pub client_agent: String,
-    /// Highest inbox sequence this device has processed.
-    pub last_inbox_seq: u64,
+    /// Inbox sequence this device has processed; `None` uses the cursor the server stored
+    /// from this device's acknowledgements.
+    pub resume_from: Option<u64>,
+    /// Sync from `resume_from` on connect and then receive live pushes as events. Off for
+    /// tools that call [`Client::sync`] themselves.
+    pub auto_sync: bool,
     pub transport: TransportSettings,
 }
 
@@ -59,7 +68,8 @@ impl ClientConfig {
             trust,
             token: token.into(),
             client_agent: format!("tern-client/{}", env!("CARGO_PKG_VERSION")),
-            last_inbox_seq: 0,
+            resume_from: None,
+            auto_sync: true,
             transport: TransportSettings::default(),
         }
     }
@@ -82,39 +92,79 @@ pub struct Session {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
+    /// A message (from sync or pushed live). Never reported twice.
+    Message { message: pb::Message, inbox_seq: u64 },
+    /// A delivered or read receipt.
+    Receipt { receipt: pb::Receipt, inbox_seq: u64 },
+    /// A group change (created, member added or removed, dissolved...).
+    Conversation { event: pb::ConversationEvent, inbox_seq: u64 },
+    /// The device was too far behind: resynchronise from these heads (and page history as
+    /// needed). Events continue after `inbox_head`.
+    SyncTooLong { inbox_head: u64, heads: Vec<pb::ConversationHead> },
     /// The session ended; `code` is the server's reason when it gave one.
-    Disconnected {
-        code: Option<ErrorCode>,
-        reason: String,
-    },
+    Disconnected { code: Option<ErrorCode>, reason: String },
+}
+
+pub(crate) struct Inner {
+    pub conn: quinn::Connection,
+    pub max_frame: usize,
+    pub events: mpsc::Sender<Event>,
+    pub inbox: Mutex<inbox::InboxTracker>,
+    pub control: tokio::sync::Mutex<quinn::SendStream>,
+    pub conversations: tokio::sync::Mutex<HashMap<String, Arc<messaging::ConversationStream>>>,
+    pub paused: Mutex<HashSet<String>>,
+    pub unpaused: tokio::sync::Notify,
+    pub pending_pings: Mutex<HashMap<u64, oneshot::Sender<pb::Pong>>>,
 }
 
 /// A connected, authenticated client.
-#[derive(Debug)]
 pub struct Client {
     endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
     session: Session,
-    control: Mutex<quinn::SendStream>,
-    pending_pings: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<pb::Pong>>>>,
+    inner: Arc<Inner>,
     next_nonce: AtomicU64,
-    max_frame: usize,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("session", &self.session).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.inner.conn.close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"client dropped");
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Client {
-    /// Connects, authenticates, and starts delivering events.
-    pub async fn connect(
-        config: ClientConfig,
-    ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
+    /// Connects, authenticates, and (with `auto_sync`) starts delivering events.
+    pub async fn connect(config: ClientConfig) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
         let timeout = config.transport.connect_timeout;
-        tokio::time::timeout(timeout, Self::connect_inner(config))
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(timeout, Self::connect_inner(config)).await.map_err(|_| ClientError::Timeout)?
     }
 
-    async fn connect_inner(
-        config: ClientConfig,
-    ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
+    /// A QUIC connection with tern's TLS and transport settings and nothing sent on it.
+    /// For protocol conformance tests, which need to send what a real client never would.
+    #[doc(hidden)]
+    pub async fn connect_raw(config: &ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+        let (addr, name) = transport::resolve(&config.server, config.server_name.as_deref()).await?;
+        let mut endpoint = quinn::Endpoint::client(transport::local_bind_addr(addr))
+            .map_err(|e| ClientError::Config(format!("bind UDP socket: {e}")))?;
+        endpoint.set_default_client_config(transport::client_config(&config.trust, &config.transport)?);
+        let conn = endpoint.connect(addr, &name)?.await?;
+        Ok((endpoint, conn))
+    }
+
+    async fn connect_inner(config: ClientConfig) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
         let (endpoint, conn) = Self::connect_raw(&config).await?;
         let max_frame = tern_protocol::DEFAULT_MAX_FRAME_BYTES;
         let (mut send, recv) = conn.open_bi().await?;
@@ -123,34 +173,24 @@ impl Client {
                 protocol_version: PROTOCOL_VERSION,
                 token: config.token.clone(),
                 client_agent: config.client_agent.clone(),
-                last_inbox_seq: config.last_inbox_seq,
+                last_inbox_seq: config.resume_from.unwrap_or(0),
                 background: false,
             })),
         };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&hello, max_frame)?)
-            .await?;
+        send.write_chunk(tern_protocol::frame::frame_bytes(&hello, max_frame)?).await?;
         let mut reader = FrameReader::new(recv, max_frame);
         let welcome = match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Welcome(w)),
-            })) => w,
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Error(e)),
-            })) => return Err(e.into()),
-            Ok(other) => {
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::Welcome(w)) })) => w,
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::Error(e)) })) => return Err(e.into()),
+            other => {
                 // The server may close right after its error; prefer its close code.
                 if let Some(reason) = conn.close_reason() {
                     return Err(reason.into());
                 }
-                return Err(ClientError::Unexpected(format!(
-                    "expected Welcome, got {other:?}"
-                )));
-            }
-            Err(e) => {
-                if let Some(reason) = conn.close_reason() {
-                    return Err(reason.into());
-                }
-                return Err(e);
+                return Err(match other {
+                    Err(e) => e,
+                    Ok(frame) => ClientError::Unexpected(format!("expected Welcome, got {frame:?}")),
+                });
             }
         };
         let session = Session {
@@ -162,39 +202,28 @@ impl Client {
             delivered_cursor: welcome.delivered_cursor,
             limits: welcome.limits.unwrap_or_default(),
         };
+        let start = config.resume_from.unwrap_or(session.delivered_cursor);
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
-        let client = Self {
-            endpoint,
+        let inner = Arc::new(Inner {
             conn: conn.clone(),
-            session,
-            control: Mutex::new(send),
-            pending_pings: Arc::default(),
-            next_nonce: AtomicU64::new(1),
             max_frame,
-        };
-        tokio::spawn(control_reader(
-            reader,
-            conn,
-            client.pending_pings.clone(),
-            events_tx,
-        ));
+            events: events_tx,
+            inbox: Mutex::new(inbox::InboxTracker::new(start)),
+            control: tokio::sync::Mutex::new(send),
+            conversations: tokio::sync::Mutex::default(),
+            paused: Mutex::default(),
+            unpaused: tokio::sync::Notify::new(),
+            pending_pings: Mutex::default(),
+        });
+        let mut tasks = vec![
+            tokio::spawn(control_reader(reader, inner.clone())),
+            tokio::spawn(messaging::accept_pushes(inner.clone())),
+        ];
+        if config.auto_sync {
+            tasks.push(tokio::spawn(messaging::keep_in_sync(inner.clone(), start)));
+        }
+        let client = Self { endpoint, session, inner, next_nonce: AtomicU64::new(1), tasks };
         Ok((client, events_rx))
-    }
-
-    /// A bare authenticated-less QUIC connection with tern's TLS and transport settings.
-    /// For protocol conformance tests, which need to send what a real client never would.
-    #[doc(hidden)]
-    pub async fn connect_raw(
-        config: &ClientConfig,
-    ) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
-        let (addr, name) =
-            transport::resolve(&config.server, config.server_name.as_deref()).await?;
-        let mut endpoint = quinn::Endpoint::client(transport::local_bind_addr(addr))
-            .map_err(|e| ClientError::Config(format!("bind UDP socket: {e}")))?;
-        endpoint
-            .set_default_client_config(transport::client_config(&config.trust, &config.transport)?);
-        let conn = endpoint.connect(addr, &name)?.await?;
-        Ok((endpoint, conn))
     }
 
     pub fn session(&self) -> &Session {
@@ -203,100 +232,101 @@ impl Client {
 
     /// The underlying QUIC connection (for diagnostics and tests).
     pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
+        &self.inner.conn
+    }
+
+    /// The highest inbox sequence up to which this device has received everything. Persist
+    /// it and pass it back as `resume_from` to resume exactly there.
+    pub fn inbox_cursor(&self) -> u64 {
+        lock(&self.inner.inbox).cursor()
     }
 
     /// Round trip on the reliable control stream.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending_pings).insert(nonce, tx);
+        lock(&self.inner.pending_pings).insert(nonce, tx);
         let start = Instant::now();
-        let frame = ClientFrame {
-            body: Some(client_frame::Body::Ping(pb::Ping {
-                nonce,
-                sent_at_us: 0,
-            })),
-        };
-        self.write_control(&frame).await?;
+        let frame = ClientFrame { body: Some(client_frame::Body::Ping(pb::Ping { nonce, sent_at_us: 0 })) };
+        self.inner.write_control(&frame).await?;
         match rx.await {
             Ok(_) => Ok(start.elapsed()),
-            Err(_) => Err(self
-                .conn
-                .close_reason()
-                .map_or(ClientError::Closed, ClientError::from)),
+            Err(_) => Err(self.inner.conn.close_reason().map_or(ClientError::Closed, ClientError::from)),
         }
     }
 
     /// Writes raw bytes on the control stream. For protocol conformance tests only.
     #[doc(hidden)]
     pub async fn write_control_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.control.lock().await.write_all(bytes).await?;
+        self.inner.control.lock().await.write_all(bytes).await?;
         Ok(())
     }
 
-    async fn write_control(&self, frame: &ClientFrame) -> Result<(), ClientError> {
+    /// Stops (or resumes) reading one conversation's push stream, so that its QUIC flow-control
+    /// window fills up. For head-of-line blocking tests only.
+    #[doc(hidden)]
+    pub fn pause_conversation(&self, conversation_id: &str, paused: bool) {
+        let mut set = lock(&self.inner.paused);
+        if paused {
+            set.insert(conversation_id.to_owned());
+        } else {
+            set.remove(conversation_id);
+            self.inner.unpaused.notify_waiters();
+        }
+    }
+
+    /// Waits until the connection is closed, returning why.
+    pub async fn closed(&self) -> ClientError {
+        self.inner.conn.closed().await.into()
+    }
+
+    /// Acknowledges what was received, then closes the session gracefully.
+    pub async fn close(self) {
+        let _ = self.inner.flush_ack().await;
+        self.inner.conn.close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Inner {
+    pub(crate) async fn write_control(&self, frame: &ClientFrame) -> Result<(), ClientError> {
         let bytes = tern_protocol::frame::frame_bytes(frame, self.max_frame)?;
         self.control.lock().await.write_chunk(bytes).await?;
         Ok(())
     }
 
-    /// Waits until the connection is closed, returning why.
-    pub async fn closed(&self) -> ClientError {
-        self.conn.closed().await.into()
+    /// Sends the cumulative acknowledgement if the cursor moved.
+    pub(crate) async fn flush_ack(&self) -> Result<(), ClientError> {
+        let up_to = lock(&self.inbox).take_ack();
+        if let Some(up_to) = up_to {
+            let frame = ClientFrame { body: Some(client_frame::Body::AckInbox(pb::AckInbox { up_to_inbox_seq: up_to })) };
+            self.write_control(&frame).await?;
+        }
+        Ok(())
     }
-
-    /// Closes the session gracefully.
-    pub async fn close(self) {
-        self.conn
-            .close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Reads the control stream: pongs, server errors, and the end of the session.
-async fn control_reader(
-    mut reader: FrameReader,
-    conn: quinn::Connection,
-    pending_pings: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<pb::Pong>>>>,
-    events: mpsc::Sender<Event>,
-) {
+async fn control_reader(mut reader: FrameReader, inner: Arc<Inner>) {
     let mut last_error: Option<pb::Error> = None;
     loop {
         match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Pong(pong)),
-            })) => {
-                if let Some(tx) = lock(&pending_pings).remove(&pong.nonce) {
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::Pong(pong)) })) => {
+                if let Some(tx) = lock(&inner.pending_pings).remove(&pong.nonce) {
                     let _ = tx.send(pong);
                 }
             }
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Error(e)),
-            })) => last_error = Some(e),
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::Error(e)) })) => last_error = Some(e),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
         }
     }
-    let reason = conn.closed().await;
-    lock(&pending_pings).clear();
+    let reason = inner.conn.closed().await;
+    lock(&inner.pending_pings).clear();
     let event = match (last_error, ClientError::from(reason)) {
-        (Some(e), _) => Event::Disconnected {
-            code: ErrorCode::try_from(e.code).ok(),
-            reason: e.message,
-        },
-        (None, ClientError::Server { code, message }) => Event::Disconnected {
-            code: Some(code),
-            reason: message,
-        },
-        (None, other) => Event::Disconnected {
-            code: None,
-            reason: other.to_string(),
-        },
+        (Some(e), _) => Event::Disconnected { code: ErrorCode::try_from(e.code).ok(), reason: e.message },
+        (None, ClientError::Server { code, message }) => Event::Disconnected { code: Some(code), reason: message },
+        (None, other) => Event::Disconnected { code: None, reason: other.to_string() },
     };
-    let _ = events.send(event).await;
+    let _ = inner.events.send(event).await;
 }

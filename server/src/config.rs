@@ -52,6 +52,14 @@ pub struct Config {
     /// Tokio worker threads. 1 runs a current-thread runtime, which drove quinn 1.5–3× faster
     /// than a multi-thread runtime on this project's 2-core machines (shared/BASELINES.md).
     pub worker_threads: usize,
+    /// When a message is acknowledged: `sync` (after fsync, the default: an acknowledged
+    /// message survives power loss; group commit keeps it fast) or `buffered` (after the write
+    /// reaches the OS: survives a crash of the server, not of the machine).
+    pub durability: crate::store::Durability,
+    /// Inbox entries a device may be behind before sync answers "too long" and the device
+    /// resynchronises from conversation heads. 20,000 is a few days of a busy user; beyond it,
+    /// paging every entry costs more than fetching the heads and recent history.
+    pub sync_limit: u64,
 }
 
 impl Default for Config {
@@ -71,6 +79,8 @@ impl Default for Config {
             udp_buffer_bytes: 4 * 1024 * 1024,
             max_client_bidi_streams: 64,
             worker_threads: 1,
+            durability: crate::store::Durability::Sync,
+            sync_limit: 20_000,
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::auth::{AuthError, unix_now_ms};
 use crate::framed::{
     FrameReader, ReadFrameError, WriteFrameError, error_frame, varint, write_frame,
 };
+use crate::delivery::PushState;
 use crate::registry::Session;
 
 /// How long to wait for the peer to receive a final error frame before closing.
@@ -38,6 +39,8 @@ pub enum SessionError {
     Write(#[from] WriteFrameError),
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl SessionError {
@@ -50,6 +53,7 @@ impl SessionError {
             SessionError::UnexpectedFrame => ErrorCode::ProtocolViolation,
             SessionError::Read(e) => e.code(),
             SessionError::Write(_) | SessionError::Connection(_) => ErrorCode::Ok,
+            SessionError::Store(e) => e.code(),
         }
     }
 }
@@ -114,11 +118,16 @@ async fn authenticate(
         Ok(identity) => identity,
         Err(e) => return Err((e.into(), Some(send))),
     };
+    let inbox_head = match state.store.inbox_head(&identity.user) {
+        Ok(head) => head,
+        Err(e) => return Err((SessionError::Store(e), Some(send))),
+    };
     let session = Arc::new(Session {
         id: state.next_session_id.fetch_add(1, Ordering::Relaxed),
         user: identity.user.into(),
         device: identity.device.into(),
         conn: conn.clone(),
+        push: PushState::new(inbox_head),
     });
     Ok((session, (send, reader)))
 }
@@ -166,8 +175,8 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
             device_id: session.device.to_string(),
             server_time_ms: unix_now_ms(),
             session_id: session.id.to_string(),
-            inbox_head: 0,
-            delivered_cursor: 0,
+            inbox_head: session.push_head(),
+            delivered_cursor: state.store.cursor(&session.user, &session.device).unwrap_or(0),
             limits: Some(pb::ServerLimits {
                 max_frame_bytes: state.config.max_frame_bytes,
                 max_message_bytes: state.config.max_message_bytes,
@@ -182,8 +191,10 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
                 state.clone(),
                 session.clone(),
             ));
+            let pusher = tokio::spawn(crate::delivery::push_loop(state.clone(), session.clone()));
             let result = control_loop(&state, &session, &mut send, &mut reader).await;
             streams.abort();
+            pusher.abort();
             result
         }
         Err(e) => Err(e.into()),
@@ -231,6 +242,9 @@ async fn control_loop(
                     })),
                 };
                 write_frame(send, &pong, max).await?;
+            }
+            Some(client_frame::Body::AckInbox(ack)) => {
+                state.store.writer().ack(session.user.clone(), session.device.clone(), ack.up_to_inbox_seq).await?;
             }
             _ => return Err(SessionError::UnexpectedFrame),
         }

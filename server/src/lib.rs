@@ -8,9 +8,11 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod delivery;
 pub mod endpoint;
 pub mod framed;
 pub mod registry;
+pub mod store;
 pub mod streams;
 
 use std::future::Future;
@@ -34,7 +36,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 pub struct ServerState {
     pub config: Config,
     pub auth: auth::Authenticator,
-    pub registry: registry::Registry,
+    pub registry: Arc<registry::Registry>,
+    pub store: Arc<store::Store>,
     pub(crate) next_session_id: AtomicU64,
 }
 
@@ -48,6 +51,8 @@ pub enum StartError {
     Secret(#[from] auth::SecretError),
     #[error(transparent)]
     Endpoint(#[from] endpoint::EndpointError),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
 }
 
 impl ServerState {
@@ -59,10 +64,19 @@ impl ServerState {
             .clone()
             .or_else(|| std::env::var("TERN_JWT_SECRET").ok());
         let auth = auth::Authenticator::load_or_generate(secret.as_deref(), &config.data_dir)?;
+        let registry = Arc::new(registry::Registry::default());
+        let limits = store::StoreLimits {
+            max_message_bytes: config.max_message_bytes as usize,
+            max_group_members: config.max_group_members as usize,
+            durability: config.durability,
+        };
+        let delivery = Arc::new(delivery::LocalDelivery::new(registry.clone()));
+        let store = store::Store::open(&config.data_dir.join("store"), limits, delivery)?;
         Ok(Arc::new(Self {
             config,
             auth,
-            registry: registry::Registry::default(),
+            registry,
+            store,
             next_session_id: AtomicU64::new(1),
         }))
     }

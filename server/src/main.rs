@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tern_server::{Config, ServerState};
+use tern_server::Config;
+use tern_server::auth::Authenticator;
 use tracing::error;
 
 #[derive(Debug, Parser)]
@@ -95,8 +96,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Token { user, device, ttl } => {
-            let state = ServerState::open(config)?;
-            println!("{}", state.auth.mint(&user, &device, ttl)?);
+            // Only the secret: the store stays closed, so this works while a server runs.
+            config.validate()?;
+            let secret = config.jwt_secret.clone().or_else(|| std::env::var("TERN_JWT_SECRET").ok());
+            let auth = Authenticator::load_or_generate(secret.as_deref(), &config.data_dir)?;
+            println!("{}", auth.mint(&user, &device, ttl)?);
             Ok(())
         }
         Command::Run => {

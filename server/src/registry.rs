@@ -16,6 +16,15 @@ pub struct Session {
     pub user: Arc<str>,
     pub device: Arc<str>,
     pub conn: quinn::Connection,
+    /// Where delivery records this user's inbox growth for this session's pusher.
+    pub push: crate::delivery::PushState,
+}
+
+impl Session {
+    /// The user's inbox head as this session last heard it.
+    pub fn push_head(&self) -> u64 {
+        self.push.head()
+    }
 }
 
 /// Every live session, by user and device.

@@ -3,12 +3,21 @@
 use std::sync::Arc;
 
 use tern_protocol::ErrorCode;
-use tern_protocol::pb::{ClientFrame, client_frame};
+use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, request, response, server_frame};
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::ServerState;
-use crate::framed::{FrameReader, error_frame, varint, write_frame};
+use crate::framed::{FrameReader, error_frame, write_frame};
 use crate::registry::Session;
+use crate::store::{GroupOp, SendOutcome, StoreError, Target};
+
+/// Sends in flight on one conversation stream; beyond this the stream stops reading.
+const PIPELINE_DEPTH: usize = 256;
+/// Default sync page size, entries.
+const DEFAULT_SYNC_PAGE: usize = 200;
+/// Largest history page, messages.
+const MAX_HISTORY_PAGE: usize = 500;
 
 /// Accepts the session's streams until the connection closes, each served in its own task so
 /// one stalled conversation never delays another.
@@ -18,29 +27,215 @@ pub async fn accept_streams(state: Arc<ServerState>, session: Arc<Session>) {
     }
 }
 
-async fn serve_stream(
-    state: Arc<ServerState>,
-    _session: Arc<Session>,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-) {
+async fn serve_stream(state: Arc<ServerState>, session: Arc<Session>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let max = state.config.max_frame_bytes as usize;
     let mut reader = FrameReader::new(recv, max);
-    let code = match reader.next::<ClientFrame>().await {
-        Ok(Some(ClientFrame {
-            body: Some(client_frame::Body::OpenConversation(_) | client_frame::Body::Request(_)),
-        })) => ErrorCode::InvalidArgument,
-        Ok(_) => ErrorCode::ProtocolViolation,
-        Err(e) => e.code(),
-    };
-    debug!(%code, "refusing stream");
-    let _ = write_frame(
-        &mut send,
-        &error_frame(code, "stream kind not supported"),
-        max,
-    )
-    .await;
+    match reader.next::<ClientFrame>().await {
+        Ok(Some(ClientFrame { body: Some(client_frame::Body::OpenConversation(open)) })) => {
+            conversation_stream(state, session, send, reader, open).await;
+        }
+        Ok(Some(ClientFrame { body: Some(client_frame::Body::Request(req)) })) => {
+            if let Err(e) = request_stream(&state, &session, &mut send, req).await {
+                let _ = write_frame(&mut send, &error_frame(e.code(), e.to_string()), max).await;
+            }
+            let _ = send.finish();
+        }
+        Ok(None) => {}
+        Ok(Some(_)) => refuse(&mut send, &mut reader, ErrorCode::ProtocolViolation, "unexpected first frame", max).await,
+        Err(e) => refuse(&mut send, &mut reader, e.code(), &e.to_string(), max).await,
+    }
+}
+
+/// Ends a stream the client broke: an error frame, then reset both directions with the code.
+async fn refuse(send: &mut quinn::SendStream, reader: &mut FrameReader, code: ErrorCode, why: &str, max: usize) {
+    debug!(%code, why, "refusing stream");
+    let _ = write_frame(send, &error_frame(code, why), max).await;
     let _ = send.finish();
     reader.stop(code);
-    let _ = varint(code);
+}
+
+type PendingAck = (String, oneshot::Receiver<Result<SendOutcome, StoreError>>);
+
+/// A conversation stream: `SendMessage` frames in, one `SendAck` or `Error` each, in order.
+/// Sends are pipelined: the next is queued to the writer while earlier ones await their fsync.
+async fn conversation_stream(
+    state: Arc<ServerState>,
+    session: Arc<Session>,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    open: pb::OpenConversation,
+) {
+    let max = state.config.max_frame_bytes as usize;
+    let target = if !open.conversation_id.is_empty() {
+        if let Err(e) = state.store.check_member(&open.conversation_id, &session.user) {
+            return refuse(&mut send, &mut reader, e.code(), &e.to_string(), max).await;
+        }
+        Target::Conversation(open.conversation_id)
+    } else if !open.direct_peer.is_empty() {
+        Target::Direct(open.direct_peer)
+    } else {
+        return refuse(&mut send, &mut reader, ErrorCode::InvalidArgument, "conversation_id or direct_peer is required", max)
+            .await;
+    };
+
+    let (ack_tx, mut ack_rx) = mpsc::channel::<PendingAck>(PIPELINE_DEPTH);
+    let acks = async move {
+        while let Some((client_message_id, rx)) = ack_rx.recv().await {
+            let frame = match rx.await {
+                Ok(Ok(outcome)) => ServerFrame {
+                    body: Some(server_frame::Body::SendAck(pb::SendAck {
+                        client_message_id,
+                        message_id: outcome.message.message_id,
+                        conversation_id: outcome.message.conversation_id,
+                        seq: outcome.message.seq,
+                        sent_at_ms: outcome.message.sent_at_ms,
+                        duplicate: outcome.duplicate,
+                        inbox_seq: outcome.sender_inbox_seq,
+                    })),
+                },
+                Ok(Err(e)) => error_frame(e.code(), e.to_string()),
+                Err(_) => error_frame(ErrorCode::Internal, "storage writer stopped"),
+            };
+            if write_frame(&mut send, &frame, max).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    };
+    let writer = state.store.writer().clone();
+    let reads = async move {
+        loop {
+            let msg = match reader.next::<ClientFrame>().await {
+                Ok(Some(ClientFrame { body: Some(client_frame::Body::Send(msg)) })) => msg,
+                Ok(None) => break,
+                Ok(Some(_)) => {
+                    reader.stop(ErrorCode::ProtocolViolation);
+                    break;
+                }
+                Err(e) => {
+                    reader.stop(e.code());
+                    break;
+                }
+            };
+            let client_message_id = msg.client_message_id.clone();
+            let rx = match writer.send_pipelined(session.user.clone(), session.device.clone(), target.clone(), msg).await {
+                Ok(rx) => rx,
+                Err(_) => break,
+            };
+            if ack_tx.send((client_message_id, rx)).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::join!(acks, reads);
+}
+
+/// Serves one request; its responses are written to `send`.
+async fn request_stream(
+    state: &ServerState,
+    session: &Session,
+    send: &mut quinn::SendStream,
+    req: pb::Request,
+) -> Result<(), StreamError> {
+    let max = state.config.max_frame_bytes as usize;
+    let store = &state.store;
+    let user = &session.user;
+    let reply = |body| ServerFrame { body: Some(server_frame::Body::Response(pb::Response { body: Some(body) })) };
+    let group = |op| async { store.writer().group(user.clone(), op).await.map(response::Body::Conversation) };
+    let body = match req.body.ok_or(StreamError::Invalid("empty request"))? {
+        request::Body::Sync(sync) => return sync_stream(state, session, send, sync).await,
+        request::Body::History(h) => {
+            store.check_member(&h.conversation_id, user)?;
+            let limit = (h.limit as usize).clamp(1, MAX_HISTORY_PAGE);
+            let (messages, has_more) = store.history(&h.conversation_id, h.before_seq, limit)?;
+            response::Body::HistoryPage(pb::HistoryPage { messages, has_more })
+        }
+        request::Body::MarkRead(m) => {
+            store.writer().mark_read(user.clone(), m.conversation_id, m.up_to_seq).await?;
+            response::Body::Done(pb::Done {})
+        }
+        request::Body::CreateGroup(c) => group(GroupOp::Create { name: c.name, members: c.members }).await?,
+        request::Body::AddMembers(a) => group(GroupOp::Add { conversation: a.conversation_id, users: a.user_ids }).await?,
+        request::Body::RemoveMember(r) => {
+            group(GroupOp::Remove { conversation: r.conversation_id, user: r.user_id }).await?
+        }
+        request::Body::LeaveGroup(l) => group(GroupOp::Leave { conversation: l.conversation_id }).await?,
+        request::Body::DissolveGroup(d) => group(GroupOp::Dissolve { conversation: d.conversation_id }).await?,
+        request::Body::SetRole(s) => {
+            let role = pb::MemberRole::try_from(s.role).map_err(|_| StreamError::Invalid("unknown role"))?;
+            group(GroupOp::SetRole { conversation: s.conversation_id, user: s.user_id, role }).await?
+        }
+        request::Body::GetConversation(g) => {
+            store.check_member(&g.conversation_id, user)?;
+            response::Body::Conversation(store.conversation(&g.conversation_id)?)
+        }
+        request::Body::ListConversations(_) => {
+            let conversations =
+                store.conversations_of(user)?.iter().map(|id| store.conversation(id)).collect::<Result<_, _>>()?;
+            response::Body::ConversationList(pb::ConversationList { conversations })
+        }
+    };
+    write_frame(send, &reply(body), max).await.map_err(|_| StreamError::Gone)
+}
+
+/// Streams the inbox after `since` in pages, then makes the session live, so that pushes
+/// continue exactly where the last page ended: no gap, no duplicate. The session was
+/// registered (subscribed) before this reads anything.
+async fn sync_stream(
+    state: &ServerState,
+    session: &Session,
+    send: &mut quinn::SendStream,
+    sync: pb::SyncRequest,
+) -> Result<(), StreamError> {
+    let max = state.config.max_frame_bytes as usize;
+    let store = &state.store;
+    let page = match sync.page_size as usize {
+        0 => DEFAULT_SYNC_PAGE,
+        n => n.min(crate::MAX_SYNC_PAGE as usize),
+    };
+    let head = store.inbox_head(&session.user)?;
+    let respond = |body| ServerFrame { body: Some(server_frame::Body::Response(pb::Response { body: Some(body) })) };
+    if head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
+        let heads = store.heads_of(&session.user)?;
+        let frame = respond(response::Body::SyncTooLong(pb::SyncTooLong { inbox_head: head, heads }));
+        write_frame(send, &frame, max).await.map_err(|_| StreamError::Gone)?;
+        session.push.go_live(head);
+        return Ok(());
+    }
+    let mut after = sync.since_inbox_seq.min(head);
+    loop {
+        let entries = store.read_inbox(&session.user, after, page)?;
+        let complete = entries.len() < page;
+        if let Some(last) = entries.last() {
+            after = last.inbox_seq;
+        }
+        let inbox_head = store.inbox_head(&session.user)?;
+        let frame = respond(response::Body::SyncPage(pb::SyncPage { entries, complete, inbox_head }));
+        write_frame(send, &frame, max).await.map_err(|_| StreamError::Gone)?;
+        if complete {
+            session.push.go_live(after);
+            return Ok(());
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+    #[error("stream closed")]
+    Gone,
+}
+
+impl StreamError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            StreamError::Store(e) => e.code(),
+            StreamError::Invalid(_) => ErrorCode::InvalidArgument,
+            StreamError::Gone => ErrorCode::Ok,
+        }
+    }
 }

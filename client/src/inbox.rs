@@ -1,0 +1,97 @@
+//! The device's view of its inbox: which sequences it has, and where the first gap is.
+//!
+//! Entries arrive from several push streams (one per conversation) and from sync pages, so
+//! they interleave out of inbox order. The tracker keeps the contiguous cursor (everything at or
+//! below it received), the received sequences above it, and since when a gap has been open.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub(crate) struct InboxTracker {
+    cursor: u64,
+    above: BTreeSet<u64>,
+    gap_since: Option<Instant>,
+    acked: u64,
+}
+
+impl InboxTracker {
+    pub(crate) fn new(cursor: u64) -> Self {
+        Self { cursor, above: BTreeSet::new(), gap_since: None, acked: cursor }
+    }
+
+    /// Records `seq`; true if it is new (not a duplicate).
+    pub(crate) fn accept(&mut self, seq: u64) -> bool {
+        if seq <= self.cursor || !self.above.insert(seq) {
+            return false;
+        }
+        while self.above.remove(&(self.cursor + 1)) {
+            self.cursor += 1;
+        }
+        if self.above.is_empty() {
+            self.gap_since = None;
+        } else if self.gap_since.is_none() {
+            self.gap_since = Some(Instant::now());
+        }
+        true
+    }
+
+    /// Jumps the cursor forward (after a "too long" sync answer).
+    pub(crate) fn reset_to(&mut self, seq: u64) {
+        if seq > self.cursor {
+            self.cursor = seq;
+            self.above = self.above.split_off(&(seq + 1));
+            while self.above.remove(&(self.cursor + 1)) {
+                self.cursor += 1;
+            }
+            if self.above.is_empty() {
+                self.gap_since = None;
+            }
+        }
+    }
+
+    pub(crate) fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// The cursor, if a gap has been open for longer than `patience`.
+    pub(crate) fn stale_gap(&self, patience: Duration) -> Option<u64> {
+        self.gap_since.filter(|since| since.elapsed() >= patience).map(|_| self.cursor)
+    }
+
+    /// The cursor, if it moved since the last acknowledgement.
+    pub(crate) fn take_ack(&mut self) -> Option<u64> {
+        (self.cursor > self.acked).then(|| {
+            self.acked = self.cursor;
+            self.cursor
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_order_entries_advance_the_cursor_once_contiguous() {
+        let mut t = InboxTracker::new(10);
+        assert!(!t.accept(9));
+        assert!(t.accept(12));
+        assert_eq!(t.cursor(), 10);
+        assert!(t.stale_gap(Duration::ZERO).is_some());
+        assert!(!t.accept(12));
+        assert!(t.accept(11));
+        assert_eq!(t.cursor(), 12);
+        assert!(t.stale_gap(Duration::ZERO).is_none());
+        assert_eq!(t.take_ack(), Some(12));
+        assert_eq!(t.take_ack(), None);
+    }
+
+    #[test]
+    fn reset_skips_forward() {
+        let mut t = InboxTracker::new(0);
+        t.accept(5);
+        t.reset_to(4);
+        assert_eq!(t.cursor(), 5);
+    }
+}

@@ -1,0 +1,388 @@
+//! Messages, sync, receipts, history and groups.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngCore;
+use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, request, response, server_frame};
+use tokio::sync::oneshot;
+
+use crate::transport::FrameReader;
+use crate::{Client, ClientError, Event, Inner, lock};
+
+/// How long a gap in the inbox may stay open before the client syncs to fill it.
+const GAP_PATIENCE: Duration = Duration::from_millis(800);
+/// How often received entries are acknowledged (cumulatively) and gaps checked.
+const ACK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SendTarget {
+    /// An existing conversation (direct or group).
+    Conversation(String),
+    /// The direct conversation with this user, created on first send.
+    User(String),
+}
+
+/// A stored message, as the server acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    pub message_id: String,
+    pub conversation_id: String,
+    /// Conversation sequence.
+    pub seq: u64,
+    /// The sender's own inbox sequence for it.
+    pub inbox_seq: u64,
+    pub sent_at_ms: u64,
+    pub client_message_id: String,
+    /// The server already had this client message id: nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// What a sync returned.
+#[derive(Debug, Clone, Default)]
+pub struct SyncResult {
+    /// Every entry after the requested sequence, in inbox order.
+    pub entries: Vec<pb::InboxEntry>,
+    /// The server's inbox head when the sync ended.
+    pub inbox_head: u64,
+    /// Set when the device was too far behind; `entries` is then empty.
+    pub too_long: Option<pb::SyncTooLong>,
+}
+
+type AckSlot = oneshot::Sender<Result<pb::SendAck, ClientError>>;
+
+/// One open conversation stream: writes are serialized, answers come back in order.
+pub(crate) struct ConversationStream {
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Arc<Mutex<VecDeque<AckSlot>>>,
+}
+
+impl Client {
+    /// Sends `text`. `client_message_id` makes retries safe: a repeat returns the original
+    /// ids and stores nothing new. Without one, a random id is used.
+    pub async fn send(
+        &self,
+        target: SendTarget,
+        text: &str,
+        client_message_id: Option<String>,
+    ) -> Result<SentMessage, ClientError> {
+        let client_message_id = client_message_id.unwrap_or_else(random_id);
+        self.send_message(target, pb::SendMessage { client_message_id, text: text.to_owned(), payload: Vec::new() })
+            .await
+    }
+
+    /// Sends a message with optional opaque payload.
+    pub async fn send_message(&self, target: SendTarget, msg: pb::SendMessage) -> Result<SentMessage, ClientError> {
+        let client_message_id = msg.client_message_id.clone();
+        let stream = self.conversation_stream(&target).await?;
+        let (tx, rx) = oneshot::channel();
+        let bytes = tern_protocol::frame::frame_bytes(
+            &ClientFrame { body: Some(client_frame::Body::Send(msg)) },
+            self.inner.max_frame,
+        )?;
+        {
+            let mut send = stream.send.lock().await;
+            lock(&stream.pending).push_back(tx);
+            if let Err(e) = send.write_chunk(bytes).await {
+                drop(send);
+                self.inner.conversations.lock().await.remove(&key(&target));
+                return Err(e.into());
+            }
+        }
+        let ack = rx.await.map_err(|_| self.lost())??;
+        // The server does not push our own message back to this device.
+        lock(&self.inner.inbox).accept(ack.inbox_seq);
+        Ok(SentMessage {
+            message_id: ack.message_id,
+            conversation_id: ack.conversation_id,
+            seq: ack.seq,
+            inbox_seq: ack.inbox_seq,
+            sent_at_ms: ack.sent_at_ms,
+            client_message_id,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    fn lost(&self) -> ClientError {
+        self.inner.conn.close_reason().map_or(ClientError::Closed, ClientError::from)
+    }
+
+    async fn conversation_stream(&self, target: &SendTarget) -> Result<Arc<ConversationStream>, ClientError> {
+        let mut streams = self.inner.conversations.lock().await;
+        if let Some(stream) = streams.get(&key(target)) {
+            return Ok(stream.clone());
+        }
+        let (mut send, recv) = self.inner.conn.open_bi().await?;
+        let open = match target {
+            SendTarget::Conversation(id) => pb::OpenConversation { conversation_id: id.clone(), direct_peer: String::new() },
+            SendTarget::User(peer) => pb::OpenConversation { conversation_id: String::new(), direct_peer: peer.clone() },
+        };
+        let frame = ClientFrame { body: Some(client_frame::Body::OpenConversation(open)) };
+        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.inner.max_frame)?).await?;
+        let pending: Arc<Mutex<VecDeque<AckSlot>>> = Arc::default();
+        let stream = Arc::new(ConversationStream { send: tokio::sync::Mutex::new(send), pending: pending.clone() });
+        streams.insert(key(target), stream.clone());
+        tokio::spawn(read_acks(FrameReader::new(recv, self.inner.max_frame), pending, self.inner.clone(), key(target)));
+        Ok(stream)
+    }
+
+    /// Every inbox entry after `since`, in pages, as one result. Entries are also marked as
+    /// received; call [`Client::ack`] to advance the server's cursor for this device.
+    pub async fn sync(&self, since: u64) -> Result<SyncResult, ClientError> {
+        self.inner.sync(since, false).await
+    }
+
+    /// Acknowledges everything up to `inbox_seq` (cumulative).
+    pub async fn ack(&self, inbox_seq: u64) -> Result<(), ClientError> {
+        let frame = ClientFrame { body: Some(client_frame::Body::AckInbox(pb::AckInbox { up_to_inbox_seq: inbox_seq })) };
+        self.inner.write_control(&frame).await
+    }
+
+    /// Messages of a conversation before `before_seq` (0: the newest), newest first.
+    pub async fn history(&self, conversation_id: &str, before_seq: u64, limit: u32) -> Result<pb::HistoryPage, ClientError> {
+        let req = request::Body::History(pb::HistoryRequest { conversation_id: conversation_id.to_owned(), before_seq, limit });
+        match self.inner.request(req).await? {
+            response::Body::HistoryPage(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Marks `conversation_id` read up to `up_to_seq`; the senders get read receipts.
+    pub async fn mark_read(&self, conversation_id: &str, up_to_seq: u64) -> Result<(), ClientError> {
+        let req = request::Body::MarkRead(pb::MarkRead { conversation_id: conversation_id.to_owned(), up_to_seq });
+        self.inner.request(req).await.map(drop)
+    }
+
+    pub async fn create_group(&self, name: &str, members: &[String]) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::CreateGroup(pb::CreateGroup { name: name.to_owned(), members: members.to_vec() }))
+            .await
+    }
+
+    pub async fn add_members(&self, conversation_id: &str, users: &[String]) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::AddMembers(pb::AddMembers {
+            conversation_id: conversation_id.to_owned(),
+            user_ids: users.to_vec(),
+        }))
+        .await
+    }
+
+    pub async fn remove_member(&self, conversation_id: &str, user: &str) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::RemoveMember(pb::RemoveMember {
+            conversation_id: conversation_id.to_owned(),
+            user_id: user.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn leave_group(&self, conversation_id: &str) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::LeaveGroup(pb::LeaveGroup { conversation_id: conversation_id.to_owned() }))
+            .await
+    }
+
+    pub async fn dissolve_group(&self, conversation_id: &str) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::DissolveGroup(pb::DissolveGroup { conversation_id: conversation_id.to_owned() }))
+            .await
+    }
+
+    pub async fn set_role(&self, conversation_id: &str, user: &str, role: pb::MemberRole) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::SetRole(pb::SetRole {
+            conversation_id: conversation_id.to_owned(),
+            user_id: user.to_owned(),
+            role: role as i32,
+        }))
+        .await
+    }
+
+    pub async fn conversation(&self, conversation_id: &str) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::GetConversation(pb::GetConversation {
+            conversation_id: conversation_id.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn conversations(&self) -> Result<Vec<pb::Conversation>, ClientError> {
+        match self.inner.request(request::Body::ListConversations(pb::ListConversations {})).await? {
+            response::Body::ConversationList(list) => Ok(list.conversations),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn conversation_call(&self, req: request::Body) -> Result<pb::Conversation, ClientError> {
+        match self.inner.request(req).await? {
+            response::Body::Conversation(conv) => Ok(conv),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl Inner {
+    /// One request on its own stream; the first response (or error).
+    async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let frame = ClientFrame { body: Some(client_frame::Body::Request(pb::Request { body: Some(body) })) };
+        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?).await?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new(recv, self.max_frame);
+        response_of(reader.next::<ServerFrame>().await?)
+    }
+
+    /// Pages the inbox after `since`. With `emit`, new entries become events.
+    pub(crate) async fn sync(&self, since: u64, emit: bool) -> Result<crate::SyncResult, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let req = pb::Request { body: Some(request::Body::Sync(pb::SyncRequest { since_inbox_seq: since, page_size: 0 })) };
+        let frame = ClientFrame { body: Some(client_frame::Body::Request(req)) };
+        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?).await?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new(recv, self.max_frame);
+        let mut result = crate::SyncResult::default();
+        loop {
+            match response_of(reader.next::<ServerFrame>().await?)? {
+                response::Body::SyncPage(page) => {
+                    result.inbox_head = page.inbox_head;
+                    for entry in page.entries {
+                        self.receive(&entry, emit).await;
+                        if !emit {
+                            result.entries.push(entry);
+                        }
+                    }
+                    if page.complete {
+                        return Ok(result);
+                    }
+                }
+                response::Body::SyncTooLong(too_long) => {
+                    lock(&self.inbox).reset_to(too_long.inbox_head);
+                    result.inbox_head = too_long.inbox_head;
+                    if emit {
+                        let event = Event::SyncTooLong { inbox_head: too_long.inbox_head, heads: too_long.heads.clone() };
+                        let _ = self.events.send(event).await;
+                    }
+                    result.too_long = Some(too_long);
+                    return Ok(result);
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Records an entry; reports it as an event if it is new and `emit`. Returns whether new.
+    pub(crate) async fn receive(&self, entry: &pb::InboxEntry, emit: bool) -> bool {
+        let new = lock(&self.inbox).accept(entry.inbox_seq);
+        if new && emit {
+            if let Some(event) = event_of(entry) {
+                let _ = self.events.send(event).await;
+            }
+        }
+        new
+    }
+}
+
+fn event_of(entry: &pb::InboxEntry) -> Option<Event> {
+    let inbox_seq = entry.inbox_seq;
+    Some(match entry.body.clone()? {
+        pb::inbox_entry::Body::Message(message) => Event::Message { message, inbox_seq },
+        pb::inbox_entry::Body::Receipt(receipt) => Event::Receipt { receipt, inbox_seq },
+        pb::inbox_entry::Body::Event(event) => Event::Conversation { event, inbox_seq },
+    })
+}
+
+fn response_of(frame: Option<ServerFrame>) -> Result<response::Body, ClientError> {
+    match frame.and_then(|f| f.body) {
+        Some(server_frame::Body::Response(pb::Response { body: Some(body) })) => Ok(body),
+        Some(server_frame::Body::Error(e)) => Err(e.into()),
+        other => Err(ClientError::Unexpected(format!("expected a response, got {other:?}"))),
+    }
+}
+
+fn unexpected(body: response::Body) -> ClientError {
+    ClientError::Unexpected(format!("unexpected response {body:?}"))
+}
+
+fn key(target: &SendTarget) -> String {
+    match target {
+        SendTarget::Conversation(id) => format!("c:{id}"),
+        SendTarget::User(peer) => format!("u:{peer}"),
+    }
+}
+
+fn random_id() -> String {
+    let mut raw = [0u8; 12];
+    rand::rng().fill_bytes(&mut raw);
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Completes pending sends in order as their acks (or errors) arrive.
+async fn read_acks(mut reader: FrameReader, pending: Arc<Mutex<VecDeque<AckSlot>>>, inner: Arc<Inner>, key: String) {
+    loop {
+        let result = match reader.next::<ServerFrame>().await {
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::SendAck(ack)) })) => Ok(ack),
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::Error(e)) })) => Err(ClientError::from(e)),
+            Ok(_) => break,
+            Err(e) => {
+                let error = e.to_string();
+                for slot in lock(&pending).drain(..) {
+                    let _ = slot.send(Err(ClientError::Unexpected(error.clone())));
+                }
+                break;
+            }
+        };
+        let slot = lock(&pending).pop_front();
+        if let Some(slot) = slot {
+            let _ = slot.send(result);
+        }
+    }
+    inner.conversations.lock().await.remove(&key);
+    for slot in lock(&pending).drain(..) {
+        let _ = slot.send(Err(ClientError::Closed));
+    }
+}
+
+/// Accepts the server's push streams, one task per conversation stream.
+pub(crate) async fn accept_pushes(inner: Arc<Inner>) {
+    while let Ok(recv) = inner.conn.accept_uni().await {
+        tokio::spawn(read_pushes(FrameReader::new(recv, inner.max_frame), inner.clone()));
+    }
+}
+
+async fn read_pushes(mut reader: FrameReader, inner: Arc<Inner>) {
+    let conversation = match reader.next::<ServerFrame>().await {
+        Ok(Some(ServerFrame { body: Some(server_frame::Body::PushHeader(h)) })) => h.conversation_id,
+        _ => return,
+    };
+    loop {
+        loop {
+            let notified = inner.unpaused.notified();
+            if !lock(&inner.paused).contains(&conversation) {
+                break;
+            }
+            notified.await;
+        }
+        match reader.next::<ServerFrame>().await {
+            Ok(Some(ServerFrame { body: Some(server_frame::Body::Entry(entry)) })) => {
+                inner.receive(&entry, true).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Syncs from `start`, then keeps acknowledging what arrives and fills gaps that stay open.
+pub(crate) async fn keep_in_sync(inner: Arc<Inner>, start: u64) {
+    if inner.sync(start, true).await.is_err() {
+        return;
+    }
+    let mut tick = tokio::time::interval(ACK_INTERVAL);
+    loop {
+        tick.tick().await;
+        if inner.flush_ack().await.is_err() {
+            return;
+        }
+        let gap = lock(&inner.inbox).stale_gap(GAP_PATIENCE);
+        if let Some(cursor) = gap {
+            if inner.sync(cursor, true).await.is_err() {
+                return;
+            }
+        }
+    }
+}

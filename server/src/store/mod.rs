@@ -1,0 +1,140 @@
+//! Durable storage in fjall: conversation logs, per-user inboxes, membership, idempotency,
+//! cursors and receipt marks. See ARCHITECTURE.md, "Storage layout".
+//!
+//! All writes go through one writer thread ([`writer`]), which assigns sequences, commits many
+//! operations per fsync (group commit) and only then answers. Readers read fjall directly but
+//! never past the heads the writer has published as durable, so a device can never see an
+//! entry that a crash could take back.
+
+mod groups;
+mod keys;
+mod reads;
+pub mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use tern_protocol::ErrorCode;
+
+pub use writer::{Durability, GroupOp, SendOutcome, Target, WriterHandle};
+
+/// Why a storage operation failed. Each maps to one protocol error code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("message of {size} bytes exceeds the maximum of {max}")]
+    MessageTooLarge { size: usize, max: usize },
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+    #[error("storage: {0}")]
+    Storage(#[from] fjall::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+    #[error("stored record is corrupt: {0}")]
+    CorruptRecord(&'static str),
+    #[error("storage writer has stopped")]
+    WriterGone,
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::Forbidden(_) => ErrorCode::Forbidden,
+            StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            StoreError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
+            StoreError::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            StoreError::Storage(_)
+            | StoreError::Corrupt(_)
+            | StoreError::CorruptRecord(_)
+            | StoreError::WriterGone => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The keyspaces; see ARCHITECTURE.md for keys and values.
+#[derive(Clone)]
+pub(crate) struct Keyspaces {
+    /// conversation → `pb::Conversation` without members or last_seq.
+    pub meta: Keyspace,
+    /// conversation 0x00 user → role (one byte).
+    pub members: Keyspace,
+    /// user 0x00 conversation → empty: the conversations of a user.
+    pub user_convs: Keyspace,
+    /// conversation 0x00 seq → `pb::Message`.
+    pub log: Keyspace,
+    /// user 0x00 inbox_seq → `pb::InboxEntry` (messages by reference).
+    pub inbox: Keyspace,
+    /// sender 0x00 client_message_id → seq (8 bytes) ‖ conversation.
+    pub idem: Keyspace,
+    /// user 0x00 device → delivered inbox cursor (u64).
+    pub cursors: Keyspace,
+    /// conversation 0x00 user 0x00 kind → receipt high-water mark (u64).
+    pub marks: Keyspace,
+}
+
+/// Durable heads, published by the writer after each fsync. Readers clamp to them.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    pub inbox: DashMap<Arc<str>, u64>,
+    pub conv: DashMap<Arc<str>, u64>,
+}
+
+/// Handle to the store, shared by every session.
+pub struct Store {
+    pub(crate) ks: Keyspaces,
+    pub(crate) published: Arc<Published>,
+    writer: writer::WriterHandle,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Limits the store enforces.
+#[derive(Debug, Clone)]
+pub struct StoreLimits {
+    pub max_message_bytes: usize,
+    pub max_group_members: usize,
+    pub durability: Durability,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir` and starts its writer thread.
+    pub fn open(
+        dir: &Path,
+        limits: StoreLimits,
+        delivery: Arc<dyn crate::delivery::Delivery>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let db = Database::builder(dir).open()?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let ks = Keyspaces {
+            meta: open("conv_meta")?,
+            members: open("members")?,
+            user_convs: open("user_convs")?,
+            log: open("conv_log")?,
+            inbox: open("inbox")?,
+            idem: open("idempotency")?,
+            cursors: open("cursors")?,
+            marks: open("receipt_marks")?,
+        };
+        let published = Arc::new(Published::default());
+        let writer = writer::spawn(db.clone(), ks.clone(), published.clone(), limits, delivery)?;
+        Ok(Arc::new(Self { ks, published, writer }))
+    }
+
+    /// The writer, for operations that change state.
+    pub fn writer(&self) -> &writer::WriterHandle {
+        &self.writer
+    }
+}

@@ -1,0 +1,522 @@
+//! The single storage writer: sequences, atomic batches and group commit.
+//!
+//! Sessions send [`Command`]s over a bounded channel. The writer takes one, then everything
+//! else already queued (up to [`MAX_GROUP`]), applies them all to one fjall batch, commits it,
+//! fsyncs once (with [`Durability::Sync`]), publishes the new durable heads, tells delivery,
+//! and only then answers every command of the group. One fsync thus covers many messages, so
+//! the disk's fsync rate does not cap throughput.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use fjall::{Database, OwnedWriteBatch as WriteBatch, PersistMode};
+use prost::Message as _;
+use serde::Deserialize;
+use tern_protocol::pb::{self, ConversationKind, MemberRole};
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::keys::{self, pair_key, prefix, seq_key};
+use super::{Keyspaces, Published, StoreError, StoreLimits};
+use crate::delivery::Delivery;
+
+/// Most commands applied in one batch and one fsync.
+const MAX_GROUP: usize = 1024;
+/// Queue depth in front of the writer; senders wait (asynchronously) when it is full.
+const QUEUE_DEPTH: usize = 8192;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After fsync: an acknowledged message survives power loss. Group commit keeps this fast.
+    #[default]
+    Sync,
+    /// After the write reaches the OS: survives a crash of tern (even `kill -9`), not of the
+    /// machine.
+    Buffered,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Conversation(String),
+    /// The direct conversation with this user, created on first send.
+    Direct(String),
+}
+
+/// The stored message a send produced (or had produced, for a retried client id).
+#[derive(Debug, Clone)]
+pub struct SendOutcome {
+    pub message: pb::Message,
+    pub duplicate: bool,
+    /// The sender's own inbox sequence for this message.
+    pub sender_inbox_seq: u64,
+}
+
+/// A change to a group.
+#[derive(Debug, Clone)]
+pub enum GroupOp {
+    Create { name: String, members: Vec<String> },
+    Add { conversation: String, users: Vec<String> },
+    Remove { conversation: String, user: String },
+    Leave { conversation: String },
+    Dissolve { conversation: String },
+    SetRole { conversation: String, user: String, role: MemberRole },
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Command {
+    Send { sender: Arc<str>, device: Arc<str>, target: Target, msg: pb::SendMessage, reply: Reply<SendOutcome> },
+    Group { actor: Arc<str>, op: GroupOp, reply: Reply<pb::Conversation> },
+    MarkRead { user: Arc<str>, conversation: String, up_to: u64, reply: Reply<u64> },
+    Ack { user: Arc<str>, device: Arc<str>, up_to: u64 },
+}
+
+/// Cheap to clone; every session holds one.
+#[derive(Debug, Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl WriterHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Stores a message and answers once it is durable.
+    pub async fn send(
+        &self,
+        sender: Arc<str>,
+        device: Arc<str>,
+        target: Target,
+        msg: pb::SendMessage,
+    ) -> Result<SendOutcome, StoreError> {
+        self.call(|reply| Command::Send { sender, device, target, msg, reply }).await
+    }
+
+    /// Queues a send without waiting; the answer arrives on the returned receiver. Lets a
+    /// conversation stream pipeline many sends while keeping their order.
+    pub async fn send_pipelined(
+        &self,
+        sender: Arc<str>,
+        device: Arc<str>,
+        target: Target,
+        msg: pb::SendMessage,
+    ) -> Result<oneshot::Receiver<Result<SendOutcome, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Send { sender, device, target, msg, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        Ok(rx)
+    }
+
+    pub async fn group(&self, actor: Arc<str>, op: GroupOp) -> Result<pb::Conversation, StoreError> {
+        self.call(|reply| Command::Group { actor, op, reply }).await
+    }
+
+    /// Marks `conversation` read up to `up_to`; returns the user's read mark afterwards.
+    pub async fn mark_read(&self, user: Arc<str>, conversation: String, up_to: u64) -> Result<u64, StoreError> {
+        self.call(|reply| Command::MarkRead { user, conversation, up_to, reply }).await
+    }
+
+    /// Records a device's cumulative acknowledgement (no answer: cursors are hints).
+    pub async fn ack(&self, user: Arc<str>, device: Arc<str>, up_to: u64) -> Result<(), StoreError> {
+        self.tx.send(Command::Ack { user, device, up_to }).await.map_err(|_| StoreError::WriterGone)
+    }
+}
+
+pub(super) fn spawn(
+    db: Database,
+    ks: Keyspaces,
+    published: Arc<Published>,
+    limits: StoreLimits,
+    delivery: Arc<dyn Delivery>,
+) -> Result<WriterHandle, StoreError> {
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let writer = Writer {
+        db,
+        ks,
+        published,
+        limits,
+        delivery,
+        convs: HashMap::new(),
+        inbox_heads: HashMap::new(),
+        group: Group::default(),
+    };
+    std::thread::Builder::new()
+        .name("tern-store-writer".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|e| StoreError::Storage(fjall::Error::Io(e)))?;
+    Ok(WriterHandle { tx })
+}
+
+/// A conversation as the writer caches it.
+#[derive(Debug, Clone)]
+pub(super) struct Conv {
+    pub id: Arc<str>,
+    pub kind: ConversationKind,
+    pub name: String,
+    pub created_at_ms: u64,
+    pub dissolved: bool,
+    pub last_seq: u64,
+    pub members: HashMap<Arc<str>, MemberRole>,
+}
+
+impl Conv {
+    pub fn to_pb(&self) -> pb::Conversation {
+        let mut members: Vec<pb::Member> = self
+            .members
+            .iter()
+            .map(|(user, role)| pb::Member { user_id: user.to_string(), role: *role as i32 })
+            .collect();
+        members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        pb::Conversation {
+            conversation_id: self.id.to_string(),
+            kind: self.kind as i32,
+            name: self.name.clone(),
+            members,
+            last_seq: self.last_seq,
+            created_at_ms: self.created_at_ms,
+            dissolved: self.dissolved,
+        }
+    }
+
+    /// What `conv_meta` stores: no members, no last_seq (those have their own keys).
+    pub fn meta(&self) -> Vec<u8> {
+        pb::Conversation {
+            conversation_id: self.id.to_string(),
+            kind: self.kind as i32,
+            name: self.name.clone(),
+            members: Vec::new(),
+            last_seq: 0,
+            created_at_ms: self.created_at_ms,
+            dissolved: self.dissolved,
+        }
+        .encode_to_vec()
+    }
+}
+
+/// What one group of commands has done so far, before its commit.
+#[derive(Default)]
+pub(super) struct Group {
+    pub touched_users: HashSet<Arc<str>>,
+    pub touched_convs: HashSet<Arc<str>>,
+    /// (sender, client message id) → outcome, for retries within one group.
+    pub idem: HashMap<(Arc<str>, String), SendOutcome>,
+    /// Cursor and mark values written in this group (full key → value).
+    pub u64s: HashMap<Vec<u8>, u64>,
+    pub replies: Vec<Box<dyn FnOnce(Option<&str>) + Send>>,
+}
+
+pub(super) struct Writer {
+    pub db: Database,
+    pub ks: Keyspaces,
+    pub published: Arc<Published>,
+    pub limits: StoreLimits,
+    pub delivery: Arc<dyn Delivery>,
+    pub convs: HashMap<Arc<str>, Conv>,
+    pub inbox_heads: HashMap<Arc<str>, u64>,
+    pub group: Group,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = self.db.batch();
+            self.apply(first, &mut batch);
+            for _ in 1..MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(command) => self.apply(command, &mut batch),
+                    Err(_) => break,
+                }
+            }
+            let result = batch.commit().and_then(|()| match self.limits.durability {
+                Durability::Sync => self.db.persist(PersistMode::SyncAll),
+                Durability::Buffered => Ok(()),
+            });
+            let group = std::mem::take(&mut self.group);
+            match result {
+                Ok(()) => {
+                    for conv in &group.touched_convs {
+                        if let Some(c) = self.convs.get(conv) {
+                            self.published.conv.insert(conv.clone(), c.last_seq);
+                        }
+                    }
+                    for user in &group.touched_users {
+                        if let Some(&head) = self.inbox_heads.get(user) {
+                            self.published.inbox.insert(user.clone(), head);
+                            self.delivery.inbox_advanced(user, head);
+                        }
+                    }
+                    for reply in group.replies {
+                        reply(None);
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "storage commit failed; the group's commands are refused");
+                    // The caches ran ahead of the disk: forget them, they reload from disk.
+                    self.convs.clear();
+                    self.inbox_heads.clear();
+                    let reason = e.to_string();
+                    for reply in group.replies {
+                        reply(Some(&reason));
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, command: Command, batch: &mut WriteBatch) {
+        match command {
+            Command::Send { sender, device, target, msg, reply } => {
+                let result = self.send(&sender, &device, target, msg, batch);
+                self.defer(reply, result);
+            }
+            Command::Group { actor, op, reply } => {
+                let result = self.group_op(&actor, op, batch);
+                self.defer(reply, result);
+            }
+            Command::MarkRead { user, conversation, up_to, reply } => {
+                let result = self.mark_read(&user, &conversation, up_to, batch);
+                self.defer(reply, result);
+            }
+            Command::Ack { user, device, up_to } => {
+                if let Err(e) = self.ack(&user, &device, up_to, batch) {
+                    error!(error = %e, %user, "recording an ack failed");
+                }
+            }
+        }
+    }
+
+    /// Answers after the commit: failures now are sent at once (they wrote nothing); successes
+    /// wait for the commit's outcome.
+    fn defer<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, StoreError>) {
+        match result {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(value) => self.group.replies.push(Box::new(move |failure| {
+                let _ = reply.send(match failure {
+                    None => Ok(value),
+                    Some(reason) => Err(StoreError::Storage(fjall::Error::Io(std::io::Error::other(reason.to_owned())))),
+                });
+            })),
+        }
+    }
+
+    /// The conversation, loaded into the cache on first use.
+    pub(super) fn conv(&mut self, id: &str) -> Result<Option<&mut Conv>, StoreError> {
+        if !self.convs.contains_key(id) {
+            let Some(meta) = self.ks.meta.get(id)? else {
+                return Ok(None);
+            };
+            let meta = pb::Conversation::decode(&*meta)?;
+            let mut members = HashMap::new();
+            for guard in self.ks.members.prefix(prefix(id)) {
+                let (key, value) = guard.into_inner()?;
+                if let Some(user) = keys::second_of(&key, id) {
+                    let role = value.first().and_then(|r| MemberRole::try_from(i32::from(*r)).ok());
+                    members.insert(Arc::from(user), role.unwrap_or(MemberRole::Member));
+                }
+            }
+            let last_seq = match self.ks.log.prefix(prefix(id)).next_back() {
+                Some(guard) => keys::seq_of(&guard.key()?).unwrap_or(0),
+                None => 0,
+            };
+            let id: Arc<str> = Arc::from(id);
+            // Everything on disk now is durable (earlier groups were synced before this one
+            // started), so the loaded head can be published at once; readers rely on a head
+            // being published before any newer entry is committed.
+            self.published.conv.insert(id.clone(), last_seq);
+            let conv = Conv {
+                id: id.clone(),
+                kind: ConversationKind::try_from(meta.kind).unwrap_or(ConversationKind::Group),
+                name: meta.name,
+                created_at_ms: meta.created_at_ms,
+                dissolved: meta.dissolved,
+                last_seq,
+                members,
+            };
+            self.convs.insert(id, conv);
+        }
+        Ok(self.convs.get_mut(id))
+    }
+
+    pub(super) fn inbox_head(&mut self, user: &Arc<str>) -> Result<u64, StoreError> {
+        if let Some(&head) = self.inbox_heads.get(user) {
+            return Ok(head);
+        }
+        let head = match self.ks.inbox.prefix(prefix(user)).next_back() {
+            Some(guard) => keys::seq_of(&guard.key()?).unwrap_or(0),
+            None => 0,
+        };
+        // Published before anything newer is committed; see `conv`.
+        self.published.inbox.insert(user.clone(), head);
+        self.inbox_heads.insert(user.clone(), head);
+        Ok(head)
+    }
+
+    /// Appends an entry to `user`'s inbox; returns its inbox sequence.
+    pub(super) fn append_inbox(
+        &mut self,
+        user: &Arc<str>,
+        body: pb::inbox_entry::Body,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, StoreError> {
+        let seq = self.inbox_head(user)? + 1;
+        let entry = pb::InboxEntry { inbox_seq: seq, body: Some(body) };
+        batch.insert(&self.ks.inbox, seq_key(user, seq), entry.encode_to_vec());
+        self.inbox_heads.insert(user.clone(), seq);
+        self.group.touched_users.insert(user.clone());
+        Ok(seq)
+    }
+
+    /// A u64 value (cursor or receipt mark), seeing this group's earlier writes.
+    pub(super) fn get_u64(&self, ks: &fjall::Keyspace, key: &[u8]) -> Result<u64, StoreError> {
+        if let Some(&value) = self.group.u64s.get(key) {
+            return Ok(value);
+        }
+        Ok(ks.get(key)?.map_or(0, |v| keys::u64_value(&v)))
+    }
+
+    pub(super) fn put_u64(&mut self, ks: &fjall::Keyspace, key: Vec<u8>, value: u64, batch: &mut WriteBatch) {
+        batch.insert(ks, key.clone(), value.to_be_bytes().to_vec());
+        self.group.u64s.insert(key, value);
+    }
+
+    fn send(
+        &mut self,
+        sender: &Arc<str>,
+        device: &Arc<str>,
+        target: Target,
+        msg: pb::SendMessage,
+        batch: &mut WriteBatch,
+    ) -> Result<SendOutcome, StoreError> {
+        let size = msg.text.len() + msg.payload.len();
+        if size > self.limits.max_message_bytes {
+            return Err(StoreError::MessageTooLarge { size, max: self.limits.max_message_bytes });
+        }
+        if msg.client_message_id.len() > 128 {
+            return Err(StoreError::InvalidArgument("client_message_id is longer than 128 bytes".into()));
+        }
+        if let Some(outcome) = self.find_duplicate(sender, &msg.client_message_id)? {
+            return Ok(outcome);
+        }
+        let conv_id = match &target {
+            Target::Conversation(id) => id.clone(),
+            Target::Direct(peer) => {
+                tern_protocol::ids::validate_id(peer)
+                    .map_err(|e| StoreError::InvalidArgument(format!("peer: {e}")))?;
+                if **peer == **sender {
+                    return Err(StoreError::InvalidArgument("a direct conversation needs another user".into()));
+                }
+                let id = tern_protocol::ids::direct_conversation_id(sender, peer);
+                if self.conv(&id)?.is_none() {
+                    self.create_direct(&id, sender, peer, batch);
+                }
+                id
+            }
+        };
+        let conv = self.conv(&conv_id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {conv_id}")))?;
+        if conv.dissolved {
+            return Err(StoreError::Forbidden(format!("conversation {conv_id} was dissolved")));
+        }
+        if !conv.members.contains_key(sender) {
+            return Err(StoreError::Forbidden(format!("{sender} is not a member of {conv_id}")));
+        }
+        conv.last_seq += 1;
+        let seq = conv.last_seq;
+        let conv_arc = conv.id.clone();
+        let members: Vec<Arc<str>> = conv.members.keys().cloned().collect();
+        self.group.touched_convs.insert(conv_arc);
+
+        let message = pb::Message {
+            message_id: tern_protocol::ids::message_id(&conv_id, seq),
+            conversation_id: conv_id.clone(),
+            seq,
+            sender: sender.to_string(),
+            sender_device: device.to_string(),
+            client_message_id: msg.client_message_id.clone(),
+            sent_at_ms: crate::auth::unix_now_ms(),
+            text: msg.text,
+            payload: msg.payload,
+        };
+        batch.insert(&self.ks.log, seq_key(&conv_id, seq), message.encode_to_vec());
+        // Inboxes hold a reference (conversation, seq, sender); readers resolve it from the log.
+        let reference = pb::inbox_entry::Body::Message(pb::Message {
+            conversation_id: conv_id.clone(),
+            seq,
+            sender: sender.to_string(),
+            sender_device: device.to_string(),
+            ..Default::default()
+        });
+        let mut sender_inbox_seq = 0;
+        for member in &members {
+            let inbox_seq = self.append_inbox(member, reference.clone(), batch)?;
+            if member == sender {
+                sender_inbox_seq = inbox_seq;
+            }
+        }
+        let outcome = SendOutcome { message, duplicate: false, sender_inbox_seq };
+        if !msg.client_message_id.is_empty() {
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&sender_inbox_seq.to_be_bytes());
+            value.extend_from_slice(conv_id.as_bytes());
+            batch.insert(&self.ks.idem, pair_key(sender, &msg.client_message_id), value);
+            self.group.idem.insert((sender.clone(), msg.client_message_id), outcome.clone());
+        }
+        Ok(outcome)
+    }
+
+    /// The original outcome of an earlier send with the same client message id.
+    fn find_duplicate(&self, sender: &Arc<str>, client_message_id: &str) -> Result<Option<SendOutcome>, StoreError> {
+        if client_message_id.is_empty() {
+            return Ok(None);
+        }
+        if let Some(outcome) = self.group.idem.get(&(sender.clone(), client_message_id.to_owned())) {
+            return Ok(Some(SendOutcome { duplicate: true, ..outcome.clone() }));
+        }
+        let Some(value) = self.ks.idem.get(pair_key(sender, client_message_id))? else {
+            return Ok(None);
+        };
+        if value.len() < 16 {
+            return Err(StoreError::CorruptRecord("short idempotency record"));
+        }
+        let seq = keys::u64_value(&value[..8]);
+        let sender_inbox_seq = keys::u64_value(&value[8..16]);
+        let conv = String::from_utf8_lossy(&value[16..]);
+        let stored = self
+            .ks
+            .log
+            .get(seq_key(&conv, seq))?
+            .ok_or_else(|| StoreError::NotFound(format!("message {conv}/{seq}")))?;
+        Ok(Some(SendOutcome { message: pb::Message::decode(&*stored)?, duplicate: true, sender_inbox_seq }))
+    }
+
+    fn create_direct(&mut self, id: &str, a: &Arc<str>, b: &str, batch: &mut WriteBatch) {
+        let b: Arc<str> = Arc::from(b);
+        let id: Arc<str> = Arc::from(id);
+        let conv = Conv {
+            id: id.clone(),
+            kind: ConversationKind::Direct,
+            name: String::new(),
+            created_at_ms: crate::auth::unix_now_ms(),
+            dissolved: false,
+            last_seq: 0,
+            members: [(a.clone(), MemberRole::Member), (b.clone(), MemberRole::Member)].into_iter().collect(),
+        };
+        batch.insert(&self.ks.meta, id.as_bytes(), conv.meta());
+        for user in [a, &b] {
+            batch.insert(&self.ks.members, pair_key(&id, user), vec![MemberRole::Member as u8]);
+            batch.insert(&self.ks.user_convs, pair_key(user, &id), Vec::new());
+        }
+        self.published.conv.insert(id.clone(), 0);
+        self.group.touched_convs.insert(id.clone());
+        self.convs.insert(id, conv);
+    }
+}
