@@ -151,3 +151,139 @@ fn token_then_whoami_against_the_real_server() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn chat(dir: &Path, port: u16, token: &str, args: &[&str]) -> Output {
+    Command::new(chat_bin())
+        .args(args)
+        .env("TERN_SERVER", format!("localhost:{port}"))
+        .env("TERN_TOKEN", token)
+        .env_remove("TERN_CA")
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "tern-chat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn messaging_commands_against_the_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob, carol) = (
+        token(dir.path(), "alice", &[]),
+        token(dir.path(), "bob", &[]),
+        token(dir.path(), "carol", &[]),
+    );
+    let port = free_udp_port();
+    let _server = ServerProcess(
+        Command::new(server_bin())
+            .args(["--listen", &format!("[::]:{port}")])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !whoami(dir.path(), port, &alice).status.success() {
+        assert!(Instant::now() < deadline, "server did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Bob listens while Alice sends; listen prints what arrives as JSON lines.
+    let listener = Command::new(chat_bin())
+        .args(["listen", "--count", "2", "--timeout", "20"])
+        .env("TERN_SERVER", format!("localhost:{port}"))
+        .env("TERN_TOKEN", &bob)
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let sent = &json_lines(&chat(
+        dir.path(),
+        port,
+        &alice,
+        &["send", "--to", "bob", "--id", "c1", "hello bob"],
+    ))[0];
+    assert_eq!(sent["seq"], 1);
+    assert_eq!(sent["conversation_id"], "d:alice:bob");
+    assert_eq!(sent["duplicate"], false);
+    let again = &json_lines(&chat(
+        dir.path(),
+        port,
+        &alice,
+        &["send", "--to", "bob", "--id", "c1", "hello bob"],
+    ))[0];
+    assert_eq!(
+        (&again["message_id"], &again["duplicate"]),
+        (&sent["message_id"], &serde_json::json!(true))
+    );
+
+    let group = &json_lines(&chat(
+        dir.path(),
+        port,
+        &alice,
+        &["group", "create", "team", "--members", "bob,carol"],
+    ))[0];
+    let group_id = group["conversation_id"].as_str().unwrap().to_owned();
+    assert_eq!(group["members"].as_array().unwrap().len(), 3);
+
+    let heard = json_lines(&listener.wait_with_output().unwrap());
+    assert_eq!(heard[0]["type"], "message");
+    assert_eq!(heard[0]["text"], "hello bob");
+    assert_eq!(heard[0]["sender"], "alice");
+    assert_eq!(heard[0]["seq"], 1);
+    assert_eq!(heard[1]["type"], "conversation");
+    assert_eq!(heard[1]["kind"], "created");
+
+    // Carol was offline: sync prints what she missed, once.
+    let missed = json_lines(&chat(dir.path(), port, &carol, &["sync"]));
+    assert_eq!(missed.len(), 1);
+    assert_eq!(missed[0]["conversation_id"], group_id.as_str());
+    assert!(json_lines(&chat(dir.path(), port, &carol, &["sync"])).is_empty());
+    assert_eq!(
+        json_lines(&chat(dir.path(), port, &carol, &["sync", "--since", "0"])).len(),
+        1
+    );
+
+    let read = &json_lines(&chat(dir.path(), port, &bob, &["read", "d:alice:bob", "1"]))[0];
+    assert_eq!(read["read_up_to"], 1);
+    // Alice syncs: the delivered receipt (from Bob's listen) and the read receipt.
+    let receipts: Vec<String> = json_lines(&chat(dir.path(), port, &alice, &["sync"]))
+        .iter()
+        .filter(|e| e["type"] == "receipt")
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(receipts, vec!["delivered", "read"]);
+
+    let history = json_lines(&chat(dir.path(), port, &bob, &["history", "d:alice:bob"]));
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["text"], "hello bob");
+
+    let left = &json_lines(&chat(
+        dir.path(),
+        port,
+        &carol,
+        &["group", "leave", &group_id],
+    ))[0];
+    assert_eq!(left["members"].as_array().unwrap().len(), 2);
+    let refused = chat(
+        dir.path(),
+        port,
+        &carol,
+        &["send", "--conversation", &group_id, "still here?"],
+    );
+    assert!(!refused.status.success());
+    let error: serde_json::Value = serde_json::from_slice(&refused.stderr).unwrap();
+    assert_eq!(error["code"], "FORBIDDEN");
+}

@@ -17,7 +17,12 @@ pub(crate) struct InboxTracker {
 
 impl InboxTracker {
     pub(crate) fn new(cursor: u64) -> Self {
-        Self { cursor, above: BTreeSet::new(), gap_since: None, acked: cursor }
+        Self {
+            cursor,
+            above: BTreeSet::new(),
+            gap_since: None,
+            acked: cursor,
+        }
     }
 
     /// Records `seq`; true if it is new (not a duplicate).
@@ -56,7 +61,9 @@ impl InboxTracker {
 
     /// The cursor, if a gap has been open for longer than `patience`.
     pub(crate) fn stale_gap(&self, patience: Duration) -> Option<u64> {
-        self.gap_since.filter(|since| since.elapsed() >= patience).map(|_| self.cursor)
+        self.gap_since
+            .filter(|since| since.elapsed() >= patience)
+            .map(|_| self.cursor)
     }
 
     /// The cursor, if it moved since the last acknowledgement.

@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use error::ClientError;
 pub use messaging::{SendTarget, SentMessage, SyncResult};
 pub use tern_protocol;
-pub use transport::{TransportSettings, Trust};
 use transport::FrameReader;
+pub use transport::{TransportSettings, Trust};
 
 /// Capacity of the event channel. When the app does not drain it, the client stops reading
 /// pushes (flow control back to the server) rather than buffering without bound.
@@ -93,16 +93,31 @@ pub struct Session {
 #[non_exhaustive]
 pub enum Event {
     /// A message (from sync or pushed live). Never reported twice.
-    Message { message: pb::Message, inbox_seq: u64 },
+    Message {
+        message: pb::Message,
+        inbox_seq: u64,
+    },
     /// A delivered or read receipt.
-    Receipt { receipt: pb::Receipt, inbox_seq: u64 },
+    Receipt {
+        receipt: pb::Receipt,
+        inbox_seq: u64,
+    },
     /// A group change (created, member added or removed, dissolved...).
-    Conversation { event: pb::ConversationEvent, inbox_seq: u64 },
+    Conversation {
+        event: pb::ConversationEvent,
+        inbox_seq: u64,
+    },
     /// The device was too far behind: resynchronise from these heads (and page history as
     /// needed). Events continue after `inbox_head`.
-    SyncTooLong { inbox_head: u64, heads: Vec<pb::ConversationHead> },
+    SyncTooLong {
+        inbox_head: u64,
+        heads: Vec<pb::ConversationHead>,
+    },
     /// The session ended; `code` is the server's reason when it gave one.
-    Disconnected { code: Option<ErrorCode>, reason: String },
+    Disconnected {
+        code: Option<ErrorCode>,
+        reason: String,
+    },
 }
 
 pub(crate) struct Inner {
@@ -128,7 +143,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("session", &self.session).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
     }
 }
 
@@ -137,7 +154,10 @@ impl Drop for Client {
         for task in &self.tasks {
             task.abort();
         }
-        self.inner.conn.close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"client dropped");
+        self.inner.conn.close(
+            quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()),
+            b"client dropped",
+        );
     }
 }
 
@@ -147,24 +167,34 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Client {
     /// Connects, authenticates, and (with `auto_sync`) starts delivering events.
-    pub async fn connect(config: ClientConfig) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
+    pub async fn connect(
+        config: ClientConfig,
+    ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
         let timeout = config.transport.connect_timeout;
-        tokio::time::timeout(timeout, Self::connect_inner(config)).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(timeout, Self::connect_inner(config))
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     /// A QUIC connection with tern's TLS and transport settings and nothing sent on it.
     /// For protocol conformance tests, which need to send what a real client never would.
     #[doc(hidden)]
-    pub async fn connect_raw(config: &ClientConfig) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
-        let (addr, name) = transport::resolve(&config.server, config.server_name.as_deref()).await?;
+    pub async fn connect_raw(
+        config: &ClientConfig,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+        let (addr, name) =
+            transport::resolve(&config.server, config.server_name.as_deref()).await?;
         let mut endpoint = quinn::Endpoint::client(transport::local_bind_addr(addr))
             .map_err(|e| ClientError::Config(format!("bind UDP socket: {e}")))?;
-        endpoint.set_default_client_config(transport::client_config(&config.trust, &config.transport)?);
+        endpoint
+            .set_default_client_config(transport::client_config(&config.trust, &config.transport)?);
         let conn = endpoint.connect(addr, &name)?.await?;
         Ok((endpoint, conn))
     }
 
-    async fn connect_inner(config: ClientConfig) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
+    async fn connect_inner(
+        config: ClientConfig,
+    ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
         let (endpoint, conn) = Self::connect_raw(&config).await?;
         let max_frame = tern_protocol::DEFAULT_MAX_FRAME_BYTES;
         let (mut send, recv) = conn.open_bi().await?;
@@ -177,11 +207,16 @@ impl Client {
                 background: false,
             })),
         };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&hello, max_frame)?).await?;
+        send.write_chunk(tern_protocol::frame::frame_bytes(&hello, max_frame)?)
+            .await?;
         let mut reader = FrameReader::new(recv, max_frame);
         let welcome = match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::Welcome(w)) })) => w,
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::Error(e)) })) => return Err(e.into()),
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::Welcome(w)),
+            })) => w,
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::Error(e)),
+            })) => return Err(e.into()),
             other => {
                 // The server may close right after its error; prefer its close code.
                 if let Some(reason) = conn.close_reason() {
@@ -189,7 +224,9 @@ impl Client {
                 }
                 return Err(match other {
                     Err(e) => e,
-                    Ok(frame) => ClientError::Unexpected(format!("expected Welcome, got {frame:?}")),
+                    Ok(frame) => {
+                        ClientError::Unexpected(format!("expected Welcome, got {frame:?}"))
+                    }
                 });
             }
         };
@@ -222,7 +259,13 @@ impl Client {
         if config.auto_sync {
             tasks.push(tokio::spawn(messaging::keep_in_sync(inner.clone(), start)));
         }
-        let client = Self { endpoint, session, inner, next_nonce: AtomicU64::new(1), tasks };
+        let client = Self {
+            endpoint,
+            session,
+            inner,
+            next_nonce: AtomicU64::new(1),
+            tasks,
+        };
         Ok((client, events_rx))
     }
 
@@ -247,11 +290,20 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending_pings).insert(nonce, tx);
         let start = Instant::now();
-        let frame = ClientFrame { body: Some(client_frame::Body::Ping(pb::Ping { nonce, sent_at_us: 0 })) };
+        let frame = ClientFrame {
+            body: Some(client_frame::Body::Ping(pb::Ping {
+                nonce,
+                sent_at_us: 0,
+            })),
+        };
         self.inner.write_control(&frame).await?;
         match rx.await {
             Ok(_) => Ok(start.elapsed()),
-            Err(_) => Err(self.inner.conn.close_reason().map_or(ClientError::Closed, ClientError::from)),
+            Err(_) => Err(self
+                .inner
+                .conn
+                .close_reason()
+                .map_or(ClientError::Closed, ClientError::from)),
         }
     }
 
@@ -282,8 +334,15 @@ impl Client {
 
     /// Acknowledges what was received, then closes the session gracefully.
     pub async fn close(self) {
-        let _ = self.inner.flush_ack().await;
-        self.inner.conn.close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"bye");
+        // A ping after the ack: the server reads the control stream in order, so its pong
+        // proves the ack arrived before the connection is closed (closing discards data in
+        // flight).
+        if self.inner.flush_ack().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.ping()).await;
+        }
+        self.inner
+            .conn
+            .close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
@@ -299,7 +358,11 @@ impl Inner {
     pub(crate) async fn flush_ack(&self) -> Result<(), ClientError> {
         let up_to = lock(&self.inbox).take_ack();
         if let Some(up_to) = up_to {
-            let frame = ClientFrame { body: Some(client_frame::Body::AckInbox(pb::AckInbox { up_to_inbox_seq: up_to })) };
+            let frame = ClientFrame {
+                body: Some(client_frame::Body::AckInbox(pb::AckInbox {
+                    up_to_inbox_seq: up_to,
+                })),
+            };
             self.write_control(&frame).await?;
         }
         Ok(())
@@ -311,12 +374,16 @@ async fn control_reader(mut reader: FrameReader, inner: Arc<Inner>) {
     let mut last_error: Option<pb::Error> = None;
     loop {
         match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::Pong(pong)) })) => {
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::Pong(pong)),
+            })) => {
                 if let Some(tx) = lock(&inner.pending_pings).remove(&pong.nonce) {
                     let _ = tx.send(pong);
                 }
             }
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::Error(e)) })) => last_error = Some(e),
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::Error(e)),
+            })) => last_error = Some(e),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
         }
@@ -324,9 +391,18 @@ async fn control_reader(mut reader: FrameReader, inner: Arc<Inner>) {
     let reason = inner.conn.closed().await;
     lock(&inner.pending_pings).clear();
     let event = match (last_error, ClientError::from(reason)) {
-        (Some(e), _) => Event::Disconnected { code: ErrorCode::try_from(e.code).ok(), reason: e.message },
-        (None, ClientError::Server { code, message }) => Event::Disconnected { code: Some(code), reason: message },
-        (None, other) => Event::Disconnected { code: None, reason: other.to_string() },
+        (Some(e), _) => Event::Disconnected {
+            code: ErrorCode::try_from(e.code).ok(),
+            reason: e.message,
+        },
+        (None, ClientError::Server { code, message }) => Event::Disconnected {
+            code: Some(code),
+            reason: message,
+        },
+        (None, other) => Event::Disconnected {
+            code: None,
+            reason: other.to_string(),
+        },
     };
     let _ = inner.events.send(event).await;
 }

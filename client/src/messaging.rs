@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngCore;
-use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, request, response, server_frame};
+use tern_protocol::pb::{
+    self, ClientFrame, ServerFrame, client_frame, request, response, server_frame,
+};
 use tokio::sync::oneshot;
 
 use crate::transport::FrameReader;
@@ -69,17 +71,30 @@ impl Client {
         client_message_id: Option<String>,
     ) -> Result<SentMessage, ClientError> {
         let client_message_id = client_message_id.unwrap_or_else(random_id);
-        self.send_message(target, pb::SendMessage { client_message_id, text: text.to_owned(), payload: Vec::new() })
-            .await
+        self.send_message(
+            target,
+            pb::SendMessage {
+                client_message_id,
+                text: text.to_owned(),
+                payload: Vec::new(),
+            },
+        )
+        .await
     }
 
     /// Sends a message with optional opaque payload.
-    pub async fn send_message(&self, target: SendTarget, msg: pb::SendMessage) -> Result<SentMessage, ClientError> {
+    pub async fn send_message(
+        &self,
+        target: SendTarget,
+        msg: pb::SendMessage,
+    ) -> Result<SentMessage, ClientError> {
         let client_message_id = msg.client_message_id.clone();
         let stream = self.conversation_stream(&target).await?;
         let (tx, rx) = oneshot::channel();
         let bytes = tern_protocol::frame::frame_bytes(
-            &ClientFrame { body: Some(client_frame::Body::Send(msg)) },
+            &ClientFrame {
+                body: Some(client_frame::Body::Send(msg)),
+            },
             self.inner.max_frame,
         )?;
         {
@@ -106,25 +121,51 @@ impl Client {
     }
 
     fn lost(&self) -> ClientError {
-        self.inner.conn.close_reason().map_or(ClientError::Closed, ClientError::from)
+        self.inner
+            .conn
+            .close_reason()
+            .map_or(ClientError::Closed, ClientError::from)
     }
 
-    async fn conversation_stream(&self, target: &SendTarget) -> Result<Arc<ConversationStream>, ClientError> {
+    async fn conversation_stream(
+        &self,
+        target: &SendTarget,
+    ) -> Result<Arc<ConversationStream>, ClientError> {
         let mut streams = self.inner.conversations.lock().await;
         if let Some(stream) = streams.get(&key(target)) {
             return Ok(stream.clone());
         }
         let (mut send, recv) = self.inner.conn.open_bi().await?;
         let open = match target {
-            SendTarget::Conversation(id) => pb::OpenConversation { conversation_id: id.clone(), direct_peer: String::new() },
-            SendTarget::User(peer) => pb::OpenConversation { conversation_id: String::new(), direct_peer: peer.clone() },
+            SendTarget::Conversation(id) => pb::OpenConversation {
+                conversation_id: id.clone(),
+                direct_peer: String::new(),
+            },
+            SendTarget::User(peer) => pb::OpenConversation {
+                conversation_id: String::new(),
+                direct_peer: peer.clone(),
+            },
         };
-        let frame = ClientFrame { body: Some(client_frame::Body::OpenConversation(open)) };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.inner.max_frame)?).await?;
+        let frame = ClientFrame {
+            body: Some(client_frame::Body::OpenConversation(open)),
+        };
+        send.write_chunk(tern_protocol::frame::frame_bytes(
+            &frame,
+            self.inner.max_frame,
+        )?)
+        .await?;
         let pending: Arc<Mutex<VecDeque<AckSlot>>> = Arc::default();
-        let stream = Arc::new(ConversationStream { send: tokio::sync::Mutex::new(send), pending: pending.clone() });
+        let stream = Arc::new(ConversationStream {
+            send: tokio::sync::Mutex::new(send),
+            pending: pending.clone(),
+        });
         streams.insert(key(target), stream.clone());
-        tokio::spawn(read_acks(FrameReader::new(recv, self.inner.max_frame), pending, self.inner.clone(), key(target)));
+        tokio::spawn(read_acks(
+            FrameReader::new(recv, self.inner.max_frame),
+            pending,
+            self.inner.clone(),
+            key(target),
+        ));
         Ok(stream)
     }
 
@@ -136,13 +177,26 @@ impl Client {
 
     /// Acknowledges everything up to `inbox_seq` (cumulative).
     pub async fn ack(&self, inbox_seq: u64) -> Result<(), ClientError> {
-        let frame = ClientFrame { body: Some(client_frame::Body::AckInbox(pb::AckInbox { up_to_inbox_seq: inbox_seq })) };
+        let frame = ClientFrame {
+            body: Some(client_frame::Body::AckInbox(pb::AckInbox {
+                up_to_inbox_seq: inbox_seq,
+            })),
+        };
         self.inner.write_control(&frame).await
     }
 
     /// Messages of a conversation before `before_seq` (0: the newest), newest first.
-    pub async fn history(&self, conversation_id: &str, before_seq: u64, limit: u32) -> Result<pb::HistoryPage, ClientError> {
-        let req = request::Body::History(pb::HistoryRequest { conversation_id: conversation_id.to_owned(), before_seq, limit });
+    pub async fn history(
+        &self,
+        conversation_id: &str,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<pb::HistoryPage, ClientError> {
+        let req = request::Body::History(pb::HistoryRequest {
+            conversation_id: conversation_id.to_owned(),
+            before_seq,
+            limit,
+        });
         match self.inner.request(req).await? {
             response::Body::HistoryPage(page) => Ok(page),
             other => Err(unexpected(other)),
@@ -150,17 +204,35 @@ impl Client {
     }
 
     /// Marks `conversation_id` read up to `up_to_seq`; the senders get read receipts.
-    pub async fn mark_read(&self, conversation_id: &str, up_to_seq: u64) -> Result<(), ClientError> {
-        let req = request::Body::MarkRead(pb::MarkRead { conversation_id: conversation_id.to_owned(), up_to_seq });
+    pub async fn mark_read(
+        &self,
+        conversation_id: &str,
+        up_to_seq: u64,
+    ) -> Result<(), ClientError> {
+        let req = request::Body::MarkRead(pb::MarkRead {
+            conversation_id: conversation_id.to_owned(),
+            up_to_seq,
+        });
         self.inner.request(req).await.map(drop)
     }
 
-    pub async fn create_group(&self, name: &str, members: &[String]) -> Result<pb::Conversation, ClientError> {
-        self.conversation_call(request::Body::CreateGroup(pb::CreateGroup { name: name.to_owned(), members: members.to_vec() }))
-            .await
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[String],
+    ) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::CreateGroup(pb::CreateGroup {
+            name: name.to_owned(),
+            members: members.to_vec(),
+        }))
+        .await
     }
 
-    pub async fn add_members(&self, conversation_id: &str, users: &[String]) -> Result<pb::Conversation, ClientError> {
+    pub async fn add_members(
+        &self,
+        conversation_id: &str,
+        users: &[String],
+    ) -> Result<pb::Conversation, ClientError> {
         self.conversation_call(request::Body::AddMembers(pb::AddMembers {
             conversation_id: conversation_id.to_owned(),
             user_ids: users.to_vec(),
@@ -168,7 +240,11 @@ impl Client {
         .await
     }
 
-    pub async fn remove_member(&self, conversation_id: &str, user: &str) -> Result<pb::Conversation, ClientError> {
+    pub async fn remove_member(
+        &self,
+        conversation_id: &str,
+        user: &str,
+    ) -> Result<pb::Conversation, ClientError> {
         self.conversation_call(request::Body::RemoveMember(pb::RemoveMember {
             conversation_id: conversation_id.to_owned(),
             user_id: user.to_owned(),
@@ -176,17 +252,32 @@ impl Client {
         .await
     }
 
-    pub async fn leave_group(&self, conversation_id: &str) -> Result<pb::Conversation, ClientError> {
-        self.conversation_call(request::Body::LeaveGroup(pb::LeaveGroup { conversation_id: conversation_id.to_owned() }))
-            .await
+    pub async fn leave_group(
+        &self,
+        conversation_id: &str,
+    ) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::LeaveGroup(pb::LeaveGroup {
+            conversation_id: conversation_id.to_owned(),
+        }))
+        .await
     }
 
-    pub async fn dissolve_group(&self, conversation_id: &str) -> Result<pb::Conversation, ClientError> {
-        self.conversation_call(request::Body::DissolveGroup(pb::DissolveGroup { conversation_id: conversation_id.to_owned() }))
-            .await
+    pub async fn dissolve_group(
+        &self,
+        conversation_id: &str,
+    ) -> Result<pb::Conversation, ClientError> {
+        self.conversation_call(request::Body::DissolveGroup(pb::DissolveGroup {
+            conversation_id: conversation_id.to_owned(),
+        }))
+        .await
     }
 
-    pub async fn set_role(&self, conversation_id: &str, user: &str, role: pb::MemberRole) -> Result<pb::Conversation, ClientError> {
+    pub async fn set_role(
+        &self,
+        conversation_id: &str,
+        user: &str,
+        role: pb::MemberRole,
+    ) -> Result<pb::Conversation, ClientError> {
         self.conversation_call(request::Body::SetRole(pb::SetRole {
             conversation_id: conversation_id.to_owned(),
             user_id: user.to_owned(),
@@ -195,7 +286,10 @@ impl Client {
         .await
     }
 
-    pub async fn conversation(&self, conversation_id: &str) -> Result<pb::Conversation, ClientError> {
+    pub async fn conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<pb::Conversation, ClientError> {
         self.conversation_call(request::Body::GetConversation(pb::GetConversation {
             conversation_id: conversation_id.to_owned(),
         }))
@@ -203,7 +297,11 @@ impl Client {
     }
 
     pub async fn conversations(&self) -> Result<Vec<pb::Conversation>, ClientError> {
-        match self.inner.request(request::Body::ListConversations(pb::ListConversations {})).await? {
+        match self
+            .inner
+            .request(request::Body::ListConversations(pb::ListConversations {}))
+            .await?
+        {
             response::Body::ConversationList(list) => Ok(list.conversations),
             other => Err(unexpected(other)),
         }
@@ -221,19 +319,36 @@ impl Inner {
     /// One request on its own stream; the first response (or error).
     async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        let frame = ClientFrame { body: Some(client_frame::Body::Request(pb::Request { body: Some(body) })) };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?).await?;
+        let frame = ClientFrame {
+            body: Some(client_frame::Body::Request(pb::Request {
+                body: Some(body),
+            })),
+        };
+        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?)
+            .await?;
         let _ = send.finish();
         let mut reader = FrameReader::new(recv, self.max_frame);
         response_of(reader.next::<ServerFrame>().await?)
     }
 
     /// Pages the inbox after `since`. With `emit`, new entries become events.
-    pub(crate) async fn sync(&self, since: u64, emit: bool) -> Result<crate::SyncResult, ClientError> {
+    pub(crate) async fn sync(
+        &self,
+        since: u64,
+        emit: bool,
+    ) -> Result<crate::SyncResult, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        let req = pb::Request { body: Some(request::Body::Sync(pb::SyncRequest { since_inbox_seq: since, page_size: 0 })) };
-        let frame = ClientFrame { body: Some(client_frame::Body::Request(req)) };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?).await?;
+        let req = pb::Request {
+            body: Some(request::Body::Sync(pb::SyncRequest {
+                since_inbox_seq: since,
+                page_size: 0,
+            })),
+        };
+        let frame = ClientFrame {
+            body: Some(client_frame::Body::Request(req)),
+        };
+        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?)
+            .await?;
         let _ = send.finish();
         let mut reader = FrameReader::new(recv, self.max_frame);
         let mut result = crate::SyncResult::default();
@@ -255,7 +370,10 @@ impl Inner {
                     lock(&self.inbox).reset_to(too_long.inbox_head);
                     result.inbox_head = too_long.inbox_head;
                     if emit {
-                        let event = Event::SyncTooLong { inbox_head: too_long.inbox_head, heads: too_long.heads.clone() };
+                        let event = Event::SyncTooLong {
+                            inbox_head: too_long.inbox_head,
+                            heads: too_long.heads.clone(),
+                        };
                         let _ = self.events.send(event).await;
                     }
                     result.too_long = Some(too_long);
@@ -269,10 +387,11 @@ impl Inner {
     /// Records an entry; reports it as an event if it is new and `emit`. Returns whether new.
     pub(crate) async fn receive(&self, entry: &pb::InboxEntry, emit: bool) -> bool {
         let new = lock(&self.inbox).accept(entry.inbox_seq);
-        if new && emit {
-            if let Some(event) = event_of(entry) {
-                let _ = self.events.send(event).await;
-            }
+        if new
+            && emit
+            && let Some(event) = event_of(entry)
+        {
+            let _ = self.events.send(event).await;
         }
         new
     }
@@ -291,7 +410,9 @@ fn response_of(frame: Option<ServerFrame>) -> Result<response::Body, ClientError
     match frame.and_then(|f| f.body) {
         Some(server_frame::Body::Response(pb::Response { body: Some(body) })) => Ok(body),
         Some(server_frame::Body::Error(e)) => Err(e.into()),
-        other => Err(ClientError::Unexpected(format!("expected a response, got {other:?}"))),
+        other => Err(ClientError::Unexpected(format!(
+            "expected a response, got {other:?}"
+        ))),
     }
 }
 
@@ -313,11 +434,20 @@ fn random_id() -> String {
 }
 
 /// Completes pending sends in order as their acks (or errors) arrive.
-async fn read_acks(mut reader: FrameReader, pending: Arc<Mutex<VecDeque<AckSlot>>>, inner: Arc<Inner>, key: String) {
+async fn read_acks(
+    mut reader: FrameReader,
+    pending: Arc<Mutex<VecDeque<AckSlot>>>,
+    inner: Arc<Inner>,
+    key: String,
+) {
     loop {
         let result = match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::SendAck(ack)) })) => Ok(ack),
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::Error(e)) })) => Err(ClientError::from(e)),
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::SendAck(ack)),
+            })) => Ok(ack),
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::Error(e)),
+            })) => Err(ClientError::from(e)),
             Ok(_) => break,
             Err(e) => {
                 let error = e.to_string();
@@ -341,13 +471,18 @@ async fn read_acks(mut reader: FrameReader, pending: Arc<Mutex<VecDeque<AckSlot>
 /// Accepts the server's push streams, one task per conversation stream.
 pub(crate) async fn accept_pushes(inner: Arc<Inner>) {
     while let Ok(recv) = inner.conn.accept_uni().await {
-        tokio::spawn(read_pushes(FrameReader::new(recv, inner.max_frame), inner.clone()));
+        tokio::spawn(read_pushes(
+            FrameReader::new(recv, inner.max_frame),
+            inner.clone(),
+        ));
     }
 }
 
 async fn read_pushes(mut reader: FrameReader, inner: Arc<Inner>) {
     let conversation = match reader.next::<ServerFrame>().await {
-        Ok(Some(ServerFrame { body: Some(server_frame::Body::PushHeader(h)) })) => h.conversation_id,
+        Ok(Some(ServerFrame {
+            body: Some(server_frame::Body::PushHeader(h)),
+        })) => h.conversation_id,
         _ => return,
     };
     loop {
@@ -359,7 +494,9 @@ async fn read_pushes(mut reader: FrameReader, inner: Arc<Inner>) {
             notified.await;
         }
         match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame { body: Some(server_frame::Body::Entry(entry)) })) => {
+            Ok(Some(ServerFrame {
+                body: Some(server_frame::Body::Entry(entry)),
+            })) => {
                 inner.receive(&entry, true).await;
             }
             _ => return,
@@ -379,10 +516,10 @@ pub(crate) async fn keep_in_sync(inner: Arc<Inner>, start: u64) {
             return;
         }
         let gap = lock(&inner.inbox).stale_gap(GAP_PATIENCE);
-        if let Some(cursor) = gap {
-            if inner.sync(cursor, true).await.is_err() {
-                return;
-            }
+        if let Some(cursor) = gap
+            && inner.sync(cursor, true).await.is_err()
+        {
+            return;
         }
     }
 }

@@ -10,10 +10,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::ServerState;
 use crate::auth::{AuthError, unix_now_ms};
+use crate::delivery::PushState;
 use crate::framed::{
     FrameReader, ReadFrameError, WriteFrameError, error_frame, varint, write_frame,
 };
-use crate::delivery::PushState;
 use crate::registry::Session;
 
 /// How long to wait for the peer to receive a final error frame before closing.
@@ -176,7 +176,10 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
             server_time_ms: unix_now_ms(),
             session_id: session.id.to_string(),
             inbox_head: session.push_head(),
-            delivered_cursor: state.store.cursor(&session.user, &session.device).unwrap_or(0),
+            delivered_cursor: state
+                .store
+                .cursor(&session.user, &session.device)
+                .unwrap_or(0),
             limits: Some(pb::ServerLimits {
                 max_frame_bytes: state.config.max_frame_bytes,
                 max_message_bytes: state.config.max_message_bytes,
@@ -244,7 +247,15 @@ async fn control_loop(
                 write_frame(send, &pong, max).await?;
             }
             Some(client_frame::Body::AckInbox(ack)) => {
-                state.store.writer().ack(session.user.clone(), session.device.clone(), ack.up_to_inbox_seq).await?;
+                state
+                    .store
+                    .writer()
+                    .ack(
+                        session.user.clone(),
+                        session.device.clone(),
+                        ack.up_to_inbox_seq,
+                    )
+                    .await?;
             }
             _ => return Err(SessionError::UnexpectedFrame),
         }

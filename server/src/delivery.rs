@@ -65,7 +65,10 @@ pub struct PushState {
 
 impl PushState {
     pub fn new(head: u64) -> Self {
-        Self { head: watch::Sender::new(head), live_from: watch::Sender::new(None) }
+        Self {
+            head: watch::Sender::new(head),
+            live_from: watch::Sender::new(None),
+        }
     }
 
     pub fn head(&self) -> u64 {
@@ -161,7 +164,12 @@ fn route(
     for _ in 0..2 {
         let tx = conversations.entry(conv.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
-            tokio::spawn(push_stream(state.clone(), session.clone(), conv.clone(), rx));
+            tokio::spawn(push_stream(
+                state.clone(),
+                session.clone(),
+                conv.clone(),
+                rx,
+            ));
             tx
         });
         match tx.try_send(entry) {
@@ -191,7 +199,9 @@ async fn push_stream(
         return;
     };
     let header = ServerFrame {
-        body: Some(server_frame::Body::PushHeader(pb::PushStreamHeader { conversation_id: conversation })),
+        body: Some(server_frame::Body::PushHeader(pb::PushStreamHeader {
+            conversation_id: conversation,
+        })),
     };
     if write_frame(&mut send, &header, max).await.is_err() {
         return;
@@ -209,7 +219,9 @@ async fn push_stream(
                 }
             }
         };
-        let frame = ServerFrame { body: Some(server_frame::Body::Entry((*entry).clone())) };
+        let frame = ServerFrame {
+            body: Some(server_frame::Body::Entry((*entry).clone())),
+        };
         if write_frame(&mut send, &frame, max).await.is_err() {
             return;
         }

@@ -98,7 +98,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Token { user, device, ttl } => {
             // Only the secret: the store stays closed, so this works while a server runs.
             config.validate()?;
-            let secret = config.jwt_secret.clone().or_else(|| std::env::var("TERN_JWT_SECRET").ok());
+            let secret = config
+                .jwt_secret
+                .clone()
+                .or_else(|| std::env::var("TERN_JWT_SECRET").ok());
             let auth = Authenticator::load_or_generate(secret.as_deref(), &config.data_dir)?;
             println!("{}", auth.mint(&user, &device, ttl)?);
             Ok(())

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use tern_protocol::ErrorCode;
-use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, request, response, server_frame};
+use tern_protocol::pb::{
+    self, ClientFrame, ServerFrame, client_frame, request, response, server_frame,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
@@ -27,27 +29,51 @@ pub async fn accept_streams(state: Arc<ServerState>, session: Arc<Session>) {
     }
 }
 
-async fn serve_stream(state: Arc<ServerState>, session: Arc<Session>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+async fn serve_stream(
+    state: Arc<ServerState>,
+    session: Arc<Session>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
     let max = state.config.max_frame_bytes as usize;
     let mut reader = FrameReader::new(recv, max);
     match reader.next::<ClientFrame>().await {
-        Ok(Some(ClientFrame { body: Some(client_frame::Body::OpenConversation(open)) })) => {
+        Ok(Some(ClientFrame {
+            body: Some(client_frame::Body::OpenConversation(open)),
+        })) => {
             conversation_stream(state, session, send, reader, open).await;
         }
-        Ok(Some(ClientFrame { body: Some(client_frame::Body::Request(req)) })) => {
+        Ok(Some(ClientFrame {
+            body: Some(client_frame::Body::Request(req)),
+        })) => {
             if let Err(e) = request_stream(&state, &session, &mut send, req).await {
                 let _ = write_frame(&mut send, &error_frame(e.code(), e.to_string()), max).await;
             }
             let _ = send.finish();
         }
         Ok(None) => {}
-        Ok(Some(_)) => refuse(&mut send, &mut reader, ErrorCode::ProtocolViolation, "unexpected first frame", max).await,
+        Ok(Some(_)) => {
+            refuse(
+                &mut send,
+                &mut reader,
+                ErrorCode::ProtocolViolation,
+                "unexpected first frame",
+                max,
+            )
+            .await
+        }
         Err(e) => refuse(&mut send, &mut reader, e.code(), &e.to_string(), max).await,
     }
 }
 
 /// Ends a stream the client broke: an error frame, then reset both directions with the code.
-async fn refuse(send: &mut quinn::SendStream, reader: &mut FrameReader, code: ErrorCode, why: &str, max: usize) {
+async fn refuse(
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+    code: ErrorCode,
+    why: &str,
+    max: usize,
+) {
     debug!(%code, why, "refusing stream");
     let _ = write_frame(send, &error_frame(code, why), max).await;
     let _ = send.finish();
@@ -67,15 +93,24 @@ async fn conversation_stream(
 ) {
     let max = state.config.max_frame_bytes as usize;
     let target = if !open.conversation_id.is_empty() {
-        if let Err(e) = state.store.check_member(&open.conversation_id, &session.user) {
+        if let Err(e) = state
+            .store
+            .check_member(&open.conversation_id, &session.user)
+        {
             return refuse(&mut send, &mut reader, e.code(), &e.to_string(), max).await;
         }
         Target::Conversation(open.conversation_id)
     } else if !open.direct_peer.is_empty() {
         Target::Direct(open.direct_peer)
     } else {
-        return refuse(&mut send, &mut reader, ErrorCode::InvalidArgument, "conversation_id or direct_peer is required", max)
-            .await;
+        return refuse(
+            &mut send,
+            &mut reader,
+            ErrorCode::InvalidArgument,
+            "conversation_id or direct_peer is required",
+            max,
+        )
+        .await;
     };
 
     let (ack_tx, mut ack_rx) = mpsc::channel::<PendingAck>(PIPELINE_DEPTH);
@@ -106,7 +141,9 @@ async fn conversation_stream(
     let reads = async move {
         loop {
             let msg = match reader.next::<ClientFrame>().await {
-                Ok(Some(ClientFrame { body: Some(client_frame::Body::Send(msg)) })) => msg,
+                Ok(Some(ClientFrame {
+                    body: Some(client_frame::Body::Send(msg)),
+                })) => msg,
                 Ok(None) => break,
                 Ok(Some(_)) => {
                     reader.stop(ErrorCode::ProtocolViolation);
@@ -118,7 +155,15 @@ async fn conversation_stream(
                 }
             };
             let client_message_id = msg.client_message_id.clone();
-            let rx = match writer.send_pipelined(session.user.clone(), session.device.clone(), target.clone(), msg).await {
+            let rx = match writer
+                .send_pipelined(
+                    session.user.clone(),
+                    session.device.clone(),
+                    target.clone(),
+                    msg,
+                )
+                .await
+            {
                 Ok(rx) => rx,
                 Err(_) => break,
             };
@@ -140,8 +185,18 @@ async fn request_stream(
     let max = state.config.max_frame_bytes as usize;
     let store = &state.store;
     let user = &session.user;
-    let reply = |body| ServerFrame { body: Some(server_frame::Body::Response(pb::Response { body: Some(body) })) };
-    let group = |op| async { store.writer().group(user.clone(), op).await.map(response::Body::Conversation) };
+    let reply = |body| ServerFrame {
+        body: Some(server_frame::Body::Response(pb::Response {
+            body: Some(body),
+        })),
+    };
+    let group = |op| async {
+        store
+            .writer()
+            .group(user.clone(), op)
+            .await
+            .map(response::Body::Conversation)
+    };
     let body = match req.body.ok_or(StreamError::Invalid("empty request"))? {
         request::Body::Sync(sync) => return sync_stream(state, session, send, sync).await,
         request::Body::History(h) => {
@@ -151,31 +206,71 @@ async fn request_stream(
             response::Body::HistoryPage(pb::HistoryPage { messages, has_more })
         }
         request::Body::MarkRead(m) => {
-            store.writer().mark_read(user.clone(), m.conversation_id, m.up_to_seq).await?;
+            store
+                .writer()
+                .mark_read(user.clone(), m.conversation_id, m.up_to_seq)
+                .await?;
             response::Body::Done(pb::Done {})
         }
-        request::Body::CreateGroup(c) => group(GroupOp::Create { name: c.name, members: c.members }).await?,
-        request::Body::AddMembers(a) => group(GroupOp::Add { conversation: a.conversation_id, users: a.user_ids }).await?,
-        request::Body::RemoveMember(r) => {
-            group(GroupOp::Remove { conversation: r.conversation_id, user: r.user_id }).await?
+        request::Body::CreateGroup(c) => {
+            group(GroupOp::Create {
+                name: c.name,
+                members: c.members,
+            })
+            .await?
         }
-        request::Body::LeaveGroup(l) => group(GroupOp::Leave { conversation: l.conversation_id }).await?,
-        request::Body::DissolveGroup(d) => group(GroupOp::Dissolve { conversation: d.conversation_id }).await?,
+        request::Body::AddMembers(a) => {
+            group(GroupOp::Add {
+                conversation: a.conversation_id,
+                users: a.user_ids,
+            })
+            .await?
+        }
+        request::Body::RemoveMember(r) => {
+            group(GroupOp::Remove {
+                conversation: r.conversation_id,
+                user: r.user_id,
+            })
+            .await?
+        }
+        request::Body::LeaveGroup(l) => {
+            group(GroupOp::Leave {
+                conversation: l.conversation_id,
+            })
+            .await?
+        }
+        request::Body::DissolveGroup(d) => {
+            group(GroupOp::Dissolve {
+                conversation: d.conversation_id,
+            })
+            .await?
+        }
         request::Body::SetRole(s) => {
-            let role = pb::MemberRole::try_from(s.role).map_err(|_| StreamError::Invalid("unknown role"))?;
-            group(GroupOp::SetRole { conversation: s.conversation_id, user: s.user_id, role }).await?
+            let role = pb::MemberRole::try_from(s.role)
+                .map_err(|_| StreamError::Invalid("unknown role"))?;
+            group(GroupOp::SetRole {
+                conversation: s.conversation_id,
+                user: s.user_id,
+                role,
+            })
+            .await?
         }
         request::Body::GetConversation(g) => {
             store.check_member(&g.conversation_id, user)?;
             response::Body::Conversation(store.conversation(&g.conversation_id)?)
         }
         request::Body::ListConversations(_) => {
-            let conversations =
-                store.conversations_of(user)?.iter().map(|id| store.conversation(id)).collect::<Result<_, _>>()?;
+            let conversations = store
+                .conversations_of(user)?
+                .iter()
+                .map(|id| store.conversation(id))
+                .collect::<Result<_, _>>()?;
             response::Body::ConversationList(pb::ConversationList { conversations })
         }
     };
-    write_frame(send, &reply(body), max).await.map_err(|_| StreamError::Gone)
+    write_frame(send, &reply(body), max)
+        .await
+        .map_err(|_| StreamError::Gone)
 }
 
 /// Streams the inbox after `since` in pages, then makes the session live, so that pushes
@@ -194,11 +289,20 @@ async fn sync_stream(
         n => n.min(crate::MAX_SYNC_PAGE as usize),
     };
     let head = store.inbox_head(&session.user)?;
-    let respond = |body| ServerFrame { body: Some(server_frame::Body::Response(pb::Response { body: Some(body) })) };
+    let respond = |body| ServerFrame {
+        body: Some(server_frame::Body::Response(pb::Response {
+            body: Some(body),
+        })),
+    };
     if head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
         let heads = store.heads_of(&session.user)?;
-        let frame = respond(response::Body::SyncTooLong(pb::SyncTooLong { inbox_head: head, heads }));
-        write_frame(send, &frame, max).await.map_err(|_| StreamError::Gone)?;
+        let frame = respond(response::Body::SyncTooLong(pb::SyncTooLong {
+            inbox_head: head,
+            heads,
+        }));
+        write_frame(send, &frame, max)
+            .await
+            .map_err(|_| StreamError::Gone)?;
         session.push.go_live(head);
         return Ok(());
     }
@@ -210,8 +314,14 @@ async fn sync_stream(
             after = last.inbox_seq;
         }
         let inbox_head = store.inbox_head(&session.user)?;
-        let frame = respond(response::Body::SyncPage(pb::SyncPage { entries, complete, inbox_head }));
-        write_frame(send, &frame, max).await.map_err(|_| StreamError::Gone)?;
+        let frame = respond(response::Body::SyncPage(pb::SyncPage {
+            entries,
+            complete,
+            inbox_head,
+        }));
+        write_frame(send, &frame, max)
+            .await
+            .map_err(|_| StreamError::Gone)?;
         if complete {
             session.push.go_live(after);
             return Ok(());

@@ -1,5 +1,6 @@
 //! Messaging over real QUIC on loopback: delivery, sync, receipts, groups, idempotency and
 //! head-of-line independence of conversations.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -13,7 +14,11 @@ use tern_protocol::ErrorCode;
 use tokio::sync::mpsc::Receiver;
 
 /// Waits for the next event matching `pick`, skipping others, failing after `secs`.
-async fn wait_for<T>(events: &mut Receiver<Event>, secs: u64, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+async fn wait_for<T>(
+    events: &mut Receiver<Event>,
+    secs: u64,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let event = tokio::time::timeout_at(deadline, events.recv())
@@ -44,7 +49,10 @@ async fn messages(events: &mut Receiver<Event>, n: usize, secs: u64) -> Vec<(pb:
 async fn quiet(events: &mut Receiver<Event>, ms: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
     while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
-        assert!(!matches!(event, Event::Message { .. }), "unexpected message {event:?}");
+        assert!(
+            !matches!(event, Event::Message { .. }),
+            "unexpected message {event:?}"
+        );
     }
 }
 
@@ -71,7 +79,10 @@ async fn one_to_one_online_in_order_then_delivered_then_read_receipts() {
     let (bob, mut bob_events) = server.connect("bob", "phone").await;
     let mut last = None;
     for i in 0..20 {
-        let sent = alice.send(SendTarget::User("bob".into()), &format!("hi {i}"), None).await.unwrap();
+        let sent = alice
+            .send(SendTarget::User("bob".into()), &format!("hi {i}"), None)
+            .await
+            .unwrap();
         assert_eq!(sent.seq, i + 1);
         last = Some(sent);
     }
@@ -84,11 +95,17 @@ async fn one_to_one_online_in_order_then_delivered_then_read_receipts() {
 
     // Bob's client acknowledges what it received: Alice hears "delivered up to 20".
     let delivered = wait_for(&mut alice_events, 10, |e| match e {
-        Event::Receipt { receipt, .. } if receipt.kind == ReceiptKind::Delivered as i32 && receipt.up_to_seq == 20 => {
+        Event::Receipt { receipt, .. }
+            if receipt.kind == ReceiptKind::Delivered as i32 && receipt.up_to_seq == 20 =>
+        {
             Some(receipt)
         }
         Event::Receipt { receipt, .. } => {
-            assert_ne!(receipt.kind, ReceiptKind::Read as i32, "read before delivered");
+            assert_ne!(
+                receipt.kind,
+                ReceiptKind::Read as i32,
+                "read before delivered"
+            );
             None
         }
         _ => None,
@@ -112,7 +129,10 @@ async fn offline_user_receives_every_message_once_in_order() {
     let (alice, _alice_events) = server.connect("alice", "phone").await;
     let alice = Arc::new(alice);
     for i in 0..1000 {
-        alice.send(SendTarget::User("bob".into()), &format!("m{i}"), None).await.unwrap();
+        alice
+            .send(SendTarget::User("bob".into()), &format!("m{i}"), None)
+            .await
+            .unwrap();
     }
     let (_bob, mut bob_events) = server.connect("bob", "phone").await;
     let got = messages(&mut bob_events, 1000, 30).await;
@@ -130,14 +150,20 @@ async fn sync_switches_to_live_without_gap_or_duplicate() {
     let (alice, _a) = server.connect("alice", "phone").await;
     let alice = Arc::new(alice);
     for i in 0..300 {
-        alice.send(SendTarget::User("bob".into()), &format!("m{i}"), None).await.unwrap();
+        alice
+            .send(SendTarget::User("bob".into()), &format!("m{i}"), None)
+            .await
+            .unwrap();
     }
     // Alice keeps sending while Bob connects and syncs the backlog.
     let sender = {
         let alice = alice.clone();
         tokio::spawn(async move {
             for i in 300..600 {
-                alice.send(SendTarget::User("bob".into()), &format!("m{i}"), None).await.unwrap();
+                alice
+                    .send(SendTarget::User("bob".into()), &format!("m{i}"), None)
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -156,15 +182,29 @@ async fn both_devices_of_a_user_receive_and_see_their_own_sends() {
     let (_tablet, mut tablet_events) = server.connect("alice", "tablet").await;
     let (bob, mut bob_events) = server.connect("bob", "laptop").await;
 
-    bob.send(SendTarget::User("alice".into()), "to both", None).await.unwrap();
-    assert_eq!(messages(&mut phone_events, 1, 10).await[0].0.text, "to both");
-    assert_eq!(messages(&mut tablet_events, 1, 10).await[0].0.text, "to both");
+    bob.send(SendTarget::User("alice".into()), "to both", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        messages(&mut phone_events, 1, 10).await[0].0.text,
+        "to both"
+    );
+    assert_eq!(
+        messages(&mut tablet_events, 1, 10).await[0].0.text,
+        "to both"
+    );
 
-    let sent = phone.send(SendTarget::User("bob".into()), "from phone", None).await.unwrap();
+    let sent = phone
+        .send(SendTarget::User("bob".into()), "from phone", None)
+        .await
+        .unwrap();
     let on_tablet = messages(&mut tablet_events, 1, 10).await;
     assert_eq!(on_tablet[0].0.text, "from phone");
     assert_eq!(on_tablet[0].0.sender_device, "phone");
-    assert_eq!(messages(&mut bob_events, 1, 10).await[0].0.message_id, sent.message_id);
+    assert_eq!(
+        messages(&mut bob_events, 1, 10).await[0].0.message_id,
+        sent.message_id
+    );
     // The sending device is not sent its own message back.
     quiet(&mut phone_events, 300).await;
     assert!(phone.inbox_cursor() >= sent.inbox_seq);
@@ -175,17 +215,41 @@ async fn both_devices_of_a_user_receive_and_see_their_own_sends() {
 async fn retried_client_message_id_stores_one_message() {
     let server = TestServer::start().await;
     let (alice, _a) = server.connect("alice", "phone").await;
-    let first = alice.send(SendTarget::User("bob".into()), "once", Some("cmid-1".into())).await.unwrap();
-    let again = alice.send(SendTarget::User("bob".into()), "once", Some("cmid-1".into())).await.unwrap();
+    let first = alice
+        .send(
+            SendTarget::User("bob".into()),
+            "once",
+            Some("cmid-1".into()),
+        )
+        .await
+        .unwrap();
+    let again = alice
+        .send(
+            SendTarget::User("bob".into()),
+            "once",
+            Some("cmid-1".into()),
+        )
+        .await
+        .unwrap();
     assert!(!first.duplicate);
     assert!(again.duplicate);
-    assert_eq!((first.message_id.as_str(), first.seq), (again.message_id.as_str(), again.seq));
+    assert_eq!(
+        (first.message_id.as_str(), first.seq),
+        (again.message_id.as_str(), again.seq)
+    );
     let page = alice.history(&first.conversation_id, 0, 10).await.unwrap();
     assert_eq!(page.messages.len(), 1);
     // Also across a reconnect.
     drop(alice);
     let (alice, _a) = server.connect("alice", "phone").await;
-    let third = alice.send(SendTarget::User("bob".into()), "once", Some("cmid-1".into())).await.unwrap();
+    let third = alice
+        .send(
+            SendTarget::User("bob".into()),
+            "once",
+            Some("cmid-1".into()),
+        )
+        .await
+        .unwrap();
     assert_eq!(third.message_id, first.message_id);
     assert!(third.duplicate);
     server.stop().await;
@@ -199,7 +263,10 @@ async fn groups_create_add_remove_leave_dissolve() {
     let (carol, mut carol_events) = server.connect("carol", "phone").await;
     let (eve, _e) = server.connect("eve", "phone").await;
 
-    let group = alice.create_group("friends", &["bob".into(), "carol".into()]).await.unwrap();
+    let group = alice
+        .create_group("friends", &["bob".into(), "carol".into()])
+        .await
+        .unwrap();
     let id = group.conversation_id.clone();
     assert_eq!(group.members.len(), 3);
     let created = wait_for(&mut carol_events, 10, |e| match e {
@@ -209,15 +276,32 @@ async fn groups_create_add_remove_leave_dissolve() {
     .await;
     assert_eq!(created.kind, ConversationEventKind::Created as i32);
 
-    bob.send(SendTarget::Conversation(id.clone()), "hello group", None).await.unwrap();
-    assert_eq!(messages(&mut alice_events, 1, 10).await[0].0.text, "hello group");
-    assert_eq!(messages(&mut carol_events, 1, 10).await[0].0.text, "hello group");
+    bob.send(SendTarget::Conversation(id.clone()), "hello group", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        messages(&mut alice_events, 1, 10).await[0].0.text,
+        "hello group"
+    );
+    assert_eq!(
+        messages(&mut carol_events, 1, 10).await[0].0.text,
+        "hello group"
+    );
 
     // Non-members can neither send nor read.
-    assert_eq!(code_of(eve.send(SendTarget::Conversation(id.clone()), "let me in", None).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(
+            eve.send(SendTarget::Conversation(id.clone()), "let me in", None)
+                .await
+        ),
+        ErrorCode::Forbidden
+    );
     assert_eq!(code_of(eve.history(&id, 0, 10).await), ErrorCode::Forbidden);
     // Members cannot manage the group; only owner and admins can.
-    assert_eq!(code_of(bob.add_members(&id, &["eve".into()]).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(bob.add_members(&id, &["eve".into()]).await),
+        ErrorCode::Forbidden
+    );
 
     let (dave, mut dave_events) = server.connect("dave", "phone").await;
     let after_add = alice.add_members(&id, &["dave".into()]).await.unwrap();
@@ -227,27 +311,63 @@ async fn groups_create_add_remove_leave_dissolve() {
         _ => None,
     })
     .await;
-    assert_eq!((added.kind, added.subject.as_str()), (ConversationEventKind::MemberAdded as i32, "dave"));
+    assert_eq!(
+        (added.kind, added.subject.as_str()),
+        (ConversationEventKind::MemberAdded as i32, "dave")
+    );
 
     alice.remove_member(&id, "carol").await.unwrap();
     let removed = wait_for(&mut carol_events, 10, |e| match e {
-        Event::Conversation { event, .. } if event.kind == ConversationEventKind::MemberRemoved as i32 => Some(event),
+        Event::Conversation { event, .. }
+            if event.kind == ConversationEventKind::MemberRemoved as i32 =>
+        {
+            Some(event)
+        }
         _ => None,
     })
     .await;
-    assert_eq!((removed.subject.as_str(), removed.actor.as_str()), ("carol", "alice"));
-    dave.send(SendTarget::Conversation(id.clone()), "carol is gone", None).await.unwrap();
-    assert_eq!(messages(&mut bob_events, 1, 10).await[0].0.text, "carol is gone");
+    assert_eq!(
+        (removed.subject.as_str(), removed.actor.as_str()),
+        ("carol", "alice")
+    );
+    dave.send(SendTarget::Conversation(id.clone()), "carol is gone", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        messages(&mut bob_events, 1, 10).await[0].0.text,
+        "carol is gone"
+    );
     quiet(&mut carol_events, 500).await;
-    assert_eq!(code_of(carol.send(SendTarget::Conversation(id.clone()), "still here?", None).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(
+            carol
+                .send(SendTarget::Conversation(id.clone()), "still here?", None)
+                .await
+        ),
+        ErrorCode::Forbidden
+    );
 
     let after_leave = bob.leave_group(&id).await.unwrap();
     assert!(after_leave.members.iter().all(|m| m.user_id != "bob"));
-    assert_eq!(code_of(alice.leave_group(&id).await), ErrorCode::Forbidden, "the owner cannot just leave");
-    assert_eq!(code_of(dave.dissolve_group(&id).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(alice.leave_group(&id).await),
+        ErrorCode::Forbidden,
+        "the owner cannot just leave"
+    );
+    assert_eq!(
+        code_of(dave.dissolve_group(&id).await),
+        ErrorCode::Forbidden
+    );
     let dissolved = alice.dissolve_group(&id).await.unwrap();
     assert!(dissolved.dissolved);
-    assert_eq!(code_of(alice.send(SendTarget::Conversation(id.clone()), "anyone?", None).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(
+            alice
+                .send(SendTarget::Conversation(id.clone()), "anyone?", None)
+                .await
+        ),
+        ErrorCode::Forbidden
+    );
     server.stop().await;
 }
 
@@ -256,9 +376,19 @@ async fn group_member_limit_is_enforced() {
     let server = TestServer::start_with(|c| c.max_group_members = 3).await;
     let (alice, _a) = server.connect("alice", "phone").await;
     let members: Vec<String> = ["b", "c", "d"].iter().map(|s| (*s).to_owned()).collect();
-    assert_eq!(code_of(alice.create_group("big", &members).await), ErrorCode::LimitExceeded);
+    assert_eq!(
+        code_of(alice.create_group("big", &members).await),
+        ErrorCode::LimitExceeded
+    );
     let group = alice.create_group("small", &members[..2]).await.unwrap();
-    assert_eq!(code_of(alice.add_members(&group.conversation_id, &["e".into()]).await), ErrorCode::LimitExceeded);
+    assert_eq!(
+        code_of(
+            alice
+                .add_members(&group.conversation_id, &["e".into()])
+                .await
+        ),
+        ErrorCode::LimitExceeded
+    );
     server.stop().await;
 }
 
@@ -267,8 +397,14 @@ async fn oversized_message_gets_a_typed_error_and_the_stream_goes_on() {
     let server = TestServer::start_with(|c| c.max_message_bytes = 1000).await;
     let (alice, _a) = server.connect("alice", "phone").await;
     let big = "x".repeat(1001);
-    assert_eq!(code_of(alice.send(SendTarget::User("bob".into()), &big, None).await), ErrorCode::MessageTooLarge);
-    let ok = alice.send(SendTarget::User("bob".into()), "small", None).await.unwrap();
+    assert_eq!(
+        code_of(alice.send(SendTarget::User("bob".into()), &big, None).await),
+        ErrorCode::MessageTooLarge
+    );
+    let ok = alice
+        .send(SendTarget::User("bob".into()), "small", None)
+        .await
+        .unwrap();
     assert_eq!(ok.seq, 1);
     server.stop().await;
 }
@@ -279,13 +415,23 @@ async fn history_pages_backwards() {
     let (alice, _a) = server.connect("alice", "phone").await;
     let mut conv = String::new();
     for i in 1..=25 {
-        conv = alice.send(SendTarget::User("bob".into()), &format!("{i}"), None).await.unwrap().conversation_id;
+        conv = alice
+            .send(SendTarget::User("bob".into()), &format!("{i}"), None)
+            .await
+            .unwrap()
+            .conversation_id;
     }
     let page = alice.history(&conv, 0, 10).await.unwrap();
-    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).rev().collect::<Vec<_>>());
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (16..=25).rev().collect::<Vec<_>>()
+    );
     assert!(page.has_more);
     let page = alice.history(&conv, 6, 10).await.unwrap();
-    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![5, 4, 3, 2, 1]);
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![5, 4, 3, 2, 1]
+    );
     assert!(!page.has_more);
     server.stop().await;
 }
@@ -295,7 +441,10 @@ async fn device_too_far_behind_gets_too_long_then_live() {
     let server = TestServer::start_with(|c| c.sync_limit = 5).await;
     let (alice, _a) = server.connect("alice", "phone").await;
     for i in 0..10 {
-        alice.send(SendTarget::User("bob".into()), &format!("{i}"), None).await.unwrap();
+        alice
+            .send(SendTarget::User("bob".into()), &format!("{i}"), None)
+            .await
+            .unwrap();
     }
     let (bob, mut bob_events) = server.connect("bob", "phone").await;
     let (head, heads) = wait_for(&mut bob_events, 10, |e| match e {
@@ -308,8 +457,22 @@ async fn device_too_far_behind_gets_too_long_then_live() {
     assert_eq!(heads.len(), 1);
     assert_eq!(heads[0].conversation.as_ref().unwrap().last_seq, 10);
     // History fills in what the device needs, and live delivery continues after the head.
-    assert_eq!(bob.history(&heads[0].conversation.as_ref().unwrap().conversation_id, 0, 3).await.unwrap().messages.len(), 3);
-    alice.send(SendTarget::User("bob".into()), "live", None).await.unwrap();
+    assert_eq!(
+        bob.history(
+            &heads[0].conversation.as_ref().unwrap().conversation_id,
+            0,
+            3
+        )
+        .await
+        .unwrap()
+        .messages
+        .len(),
+        3
+    );
+    alice
+        .send(SendTarget::User("bob".into()), "live", None)
+        .await
+        .unwrap();
     let live = messages(&mut bob_events, 1, 10).await;
     assert_eq!((live[0].0.text.as_str(), live[0].1), ("live", 11));
     server.stop().await;
@@ -321,18 +484,35 @@ async fn blocked_conversation_does_not_delay_another() {
     let (alice, _a) = server.connect("alice", "phone").await;
     let (bob, mut bob_events) = server.connect("bob", "phone").await;
     let direct = tern_protocol::ids::direct_conversation_id("alice", "bob");
-    let group = alice.create_group("b", &["bob".into()]).await.unwrap().conversation_id;
-    wait_for(&mut bob_events, 10, |e| matches!(e, Event::Conversation { .. }).then_some(())).await;
+    let group = alice
+        .create_group("b", &["bob".into()])
+        .await
+        .unwrap()
+        .conversation_id;
+    wait_for(&mut bob_events, 10, |e| {
+        matches!(e, Event::Conversation { .. }).then_some(())
+    })
+    .await;
 
     // Bob stops reading the direct conversation; 40 messages of 60 KB overflow its stream's
     // flow-control window (quinn's default is 1.25 MB per stream).
     bob.pause_conversation(&direct, true);
     let big = "x".repeat(60_000);
     for _ in 0..40 {
-        alice.send(SendTarget::User("bob".into()), &big, None).await.unwrap();
+        alice
+            .send(SendTarget::User("bob".into()), &big, None)
+            .await
+            .unwrap();
     }
     for i in 0..5 {
-        alice.send(SendTarget::Conversation(group.clone()), &format!("small {i}"), None).await.unwrap();
+        alice
+            .send(
+                SendTarget::Conversation(group.clone()),
+                &format!("small {i}"),
+                None,
+            )
+            .await
+            .unwrap();
     }
     // The group's messages arrive while the direct stream is still blocked.
     let mut direct_seen = 0;
@@ -346,7 +526,10 @@ async fn blocked_conversation_does_not_delay_another() {
         }
     }
     assert_eq!(group_seen, vec![1, 2, 3, 4, 5]);
-    assert!(direct_seen < 40, "the direct stream was not blocked ({direct_seen} arrived)");
+    assert!(
+        direct_seen < 40,
+        "the direct stream was not blocked ({direct_seen} arrived)"
+    );
 
     // Unblocked, the rest of the direct conversation arrives, each message once.
     bob.pause_conversation(&direct, false);

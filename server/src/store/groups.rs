@@ -7,11 +7,13 @@ use fjall::OwnedWriteBatch as WriteBatch;
 use prost::Message as _;
 use rand::RngCore;
 use tern_protocol::ids::validate_id;
-use tern_protocol::pb::{self, ConversationEventKind as EventKind, ConversationKind, MemberRole, ReceiptKind};
+use tern_protocol::pb::{
+    self, ConversationEventKind as EventKind, ConversationKind, MemberRole, ReceiptKind,
+};
 
+use super::StoreError;
 use super::keys::{mark_key, pair_key, seq_key};
 use super::writer::{Conv, GroupOp, Writer};
-use super::StoreError;
 use crate::auth::unix_now_ms;
 
 /// Most entries one ack or read mark scans for receipts; older ones get no receipt.
@@ -28,20 +30,32 @@ impl Writer {
     ) -> Result<pb::Conversation, StoreError> {
         match op {
             GroupOp::Create { name, members } => self.create_group(actor, name, members, batch),
-            GroupOp::Add { conversation, users } => {
+            GroupOp::Add {
+                conversation,
+                users,
+            } => {
                 let users = validated(users)?;
                 let max_members = self.limits.max_group_members;
                 let conv = self.group_for(&conversation, actor, MemberRole::Admin)?;
-                let new: Vec<Arc<str>> = users.into_iter().filter(|u| !conv.members.contains_key(u)).collect();
+                let new: Vec<Arc<str>> = users
+                    .into_iter()
+                    .filter(|u| !conv.members.contains_key(u))
+                    .collect();
                 if conv.members.len() + new.len() > max_members {
-                    return Err(StoreError::LimitExceeded(format!("a group has at most {max_members} members")));
+                    return Err(StoreError::LimitExceeded(format!(
+                        "a group has at most {max_members} members"
+                    )));
                 }
                 for user in &new {
                     conv.members.insert(user.clone(), MemberRole::Member);
                 }
                 let id = conv.id.clone();
                 for user in &new {
-                    batch.insert(&self.ks.members, pair_key(&id, user), vec![MemberRole::Member as u8]);
+                    batch.insert(
+                        &self.ks.members,
+                        pair_key(&id, user),
+                        vec![MemberRole::Member as u8],
+                    );
                     batch.insert(&self.ks.user_convs, pair_key(user, &id), Vec::new());
                     self.announce(&id, EventKind::MemberAdded, actor, user, &[], batch)?;
                 }
@@ -49,12 +63,20 @@ impl Writer {
             }
             GroupOp::Remove { conversation, user } => {
                 let conv = self.group_for(&conversation, actor, MemberRole::Admin)?;
-                let actor_role = conv.members.get(actor).copied().unwrap_or(MemberRole::Member);
+                let actor_role = conv
+                    .members
+                    .get(actor)
+                    .copied()
+                    .unwrap_or(MemberRole::Member);
                 let Some(&role) = conv.members.get(user.as_str()) else {
                     return Err(StoreError::NotFound(format!("{user} is not a member")));
                 };
-                if role == MemberRole::Owner || (role == MemberRole::Admin && actor_role != MemberRole::Owner) {
-                    return Err(StoreError::Forbidden(format!("{actor} may not remove {user}")));
+                if role == MemberRole::Owner
+                    || (role == MemberRole::Admin && actor_role != MemberRole::Owner)
+                {
+                    return Err(StoreError::Forbidden(format!(
+                        "{actor} may not remove {user}"
+                    )));
                 }
                 let id = conv.id.clone();
                 self.drop_member(&id, actor, &user, EventKind::MemberRemoved, batch)
@@ -63,7 +85,8 @@ impl Writer {
                 let conv = self.group_for(&conversation, actor, MemberRole::Member)?;
                 if conv.members.get(actor) == Some(&MemberRole::Owner) {
                     return Err(StoreError::Forbidden(
-                        "the owner cannot leave: dissolve the group or hand ownership over first".into(),
+                        "the owner cannot leave: dissolve the group or hand ownership over first"
+                            .into(),
                     ));
                 }
                 let id = conv.id.clone();
@@ -78,13 +101,19 @@ impl Writer {
                 self.announce(&id, EventKind::Dissolved, actor, "", &[], batch)?;
                 self.snapshot(&id)
             }
-            GroupOp::SetRole { conversation, user, role } => {
+            GroupOp::SetRole {
+                conversation,
+                user,
+                role,
+            } => {
                 let conv = self.group_for(&conversation, actor, MemberRole::Owner)?;
                 if !conv.members.contains_key(user.as_str()) {
                     return Err(StoreError::NotFound(format!("{user} is not a member")));
                 }
                 if user.as_str() == &**actor {
-                    return Err(StoreError::InvalidArgument("the owner's role changes by handing ownership over".into()));
+                    return Err(StoreError::InvalidArgument(
+                        "the owner's role changes by handing ownership over".into(),
+                    ));
                 }
                 let user: Arc<str> = Arc::from(user.as_str());
                 let mut changes = vec![(user.clone(), role)];
@@ -92,7 +121,9 @@ impl Writer {
                     MemberRole::Member | MemberRole::Admin => {}
                     // Handing ownership over: the old owner becomes an admin.
                     MemberRole::Owner => changes.push((actor.clone(), MemberRole::Admin)),
-                    MemberRole::Unspecified => return Err(StoreError::InvalidArgument("role is required".into())),
+                    MemberRole::Unspecified => {
+                        return Err(StoreError::InvalidArgument("role is required".into()));
+                    }
                 }
                 for (who, role) in &changes {
                     conv.members.insert(who.clone(), *role);
@@ -115,20 +146,32 @@ impl Writer {
         batch: &mut WriteBatch,
     ) -> Result<pb::Conversation, StoreError> {
         if name.len() > MAX_GROUP_NAME {
-            return Err(StoreError::InvalidArgument(format!("group name is longer than {MAX_GROUP_NAME} bytes")));
+            return Err(StoreError::InvalidArgument(format!(
+                "group name is longer than {MAX_GROUP_NAME} bytes"
+            )));
         }
         let mut all: BTreeSet<Arc<str>> = validated(members)?.into_iter().collect();
         all.insert(owner.clone());
         if all.len() > self.limits.max_group_members {
-            return Err(StoreError::LimitExceeded(format!("a group has at most {} members", self.limits.max_group_members)));
+            return Err(StoreError::LimitExceeded(format!(
+                "a group has at most {} members",
+                self.limits.max_group_members
+            )));
         }
         let mut raw = [0u8; 8];
         rand::rng().fill_bytes(&mut raw);
-        let id: Arc<str> = Arc::from(format!("g:{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+        let id: Arc<str> = Arc::from(format!(
+            "g:{}",
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
         let members: HashMap<Arc<str>, MemberRole> = all
             .into_iter()
             .map(|u| {
-                let role = if u == *owner { MemberRole::Owner } else { MemberRole::Member };
+                let role = if u == *owner {
+                    MemberRole::Owner
+                } else {
+                    MemberRole::Member
+                };
                 (u, role)
             })
             .collect();
@@ -154,8 +197,15 @@ impl Writer {
     }
 
     /// The group `id`, if `actor` holds at least `needed` in it and it is not dissolved.
-    fn group_for(&mut self, id: &str, actor: &Arc<str>, needed: MemberRole) -> Result<&mut Conv, StoreError> {
-        let conv = self.conv(id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {id}")))?;
+    fn group_for(
+        &mut self,
+        id: &str,
+        actor: &Arc<str>,
+        needed: MemberRole,
+    ) -> Result<&mut Conv, StoreError> {
+        let conv = self
+            .conv(id)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id}")))?;
         if conv.kind != ConversationKind::Group {
             return Err(StoreError::InvalidArgument(format!("{id} is not a group")));
         }
@@ -168,7 +218,9 @@ impl Writer {
             return Err(StoreError::Forbidden(format!("{id} was dissolved")));
         }
         if rank(role) < rank(needed) {
-            return Err(StoreError::Forbidden(format!("{actor} is not allowed to do this in {id}")));
+            return Err(StoreError::Forbidden(format!(
+                "{actor} is not allowed to do this in {id}"
+            )));
         }
         Ok(conv)
     }
@@ -202,8 +254,11 @@ impl Writer {
         extra: &[Arc<str>],
         batch: &mut WriteBatch,
     ) -> Result<(), StoreError> {
-        let mut audience: BTreeSet<Arc<str>> =
-            self.convs.get(id).map(|c| c.members.keys().cloned().collect()).unwrap_or_default();
+        let mut audience: BTreeSet<Arc<str>> = self
+            .convs
+            .get(id)
+            .map(|c| c.members.keys().cloned().collect())
+            .unwrap_or_default();
         audience.extend(extra.iter().cloned());
         let event = pb::inbox_entry::Body::Event(pb::ConversationEvent {
             conversation_id: id.to_string(),
@@ -219,7 +274,10 @@ impl Writer {
     }
 
     fn snapshot(&self, id: &str) -> Result<pb::Conversation, StoreError> {
-        self.convs.get(id).map(Conv::to_pb).ok_or_else(|| StoreError::NotFound(id.to_owned()))
+        self.convs
+            .get(id)
+            .map(Conv::to_pb)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
     /// "`user` has read `conversation` up to `up_to`": a READ receipt to the senders of the
@@ -231,9 +289,13 @@ impl Writer {
         up_to: u64,
         batch: &mut WriteBatch,
     ) -> Result<u64, StoreError> {
-        let conv = self.conv(conversation)?.ok_or_else(|| StoreError::NotFound(format!("conversation {conversation}")))?;
+        let conv = self
+            .conv(conversation)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {conversation}")))?;
         if !conv.members.contains_key(user) {
-            return Err(StoreError::Forbidden(format!("{user} is not a member of {conversation}")));
+            return Err(StoreError::Forbidden(format!(
+                "{user} is not a member of {conversation}"
+            )));
         }
         let up_to = up_to.min(conv.last_seq);
         let id = conv.id.clone();
@@ -280,14 +342,18 @@ impl Writer {
         // Per conversation: the highest message seq received, and who sent what was received.
         let from = (old + 1).max(up_to.saturating_sub(RECEIPT_SCAN_LIMIT) + 1);
         let mut received: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
-        for guard in self.ks.inbox.range(seq_key(user, from)..=seq_key(user, up_to)) {
+        for guard in self
+            .ks
+            .inbox
+            .range(seq_key(user, from)..=seq_key(user, up_to))
+        {
             let entry = pb::InboxEntry::decode(&*guard.value()?)?;
-            if let Some(pb::inbox_entry::Body::Message(m)) = entry.body {
-                if m.sender != **user {
-                    let slot = received.entry(m.conversation_id).or_default();
-                    slot.0 = slot.0.max(m.seq);
-                    slot.1.insert(m.sender);
-                }
+            if let Some(pb::inbox_entry::Body::Message(m)) = entry.body
+                && m.sender != **user
+            {
+                let slot = received.entry(m.conversation_id).or_default();
+                slot.0 = slot.0.max(m.seq);
+                slot.1.insert(m.sender);
             }
         }
         for (conv, (max_seq, senders)) in received {

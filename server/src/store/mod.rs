@@ -130,7 +130,11 @@ impl Store {
         };
         let published = Arc::new(Published::default());
         let writer = writer::spawn(db.clone(), ks.clone(), published.clone(), limits, delivery)?;
-        Ok(Arc::new(Self { ks, published, writer }))
+        Ok(Arc::new(Self {
+            ks,
+            published,
+            writer,
+        }))
     }
 
     /// The writer, for operations that change state.

@@ -15,11 +15,20 @@ impl Store {
         };
         // Read the published head after the disk: the writer publishes a user's head before it
         // commits anything newer, so an entry seen on disk but not yet durable is clamped away.
-        Ok(self.published.inbox.get(user).map_or(on_disk, |h| on_disk.min(*h)))
+        Ok(self
+            .published
+            .inbox
+            .get(user)
+            .map_or(on_disk, |h| on_disk.min(*h)))
     }
 
     /// Up to `limit` inbox entries of `user` after `after`, with messages resolved.
-    pub fn read_inbox(&self, user: &str, after: u64, limit: usize) -> Result<Vec<pb::InboxEntry>, StoreError> {
+    pub fn read_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<pb::InboxEntry>, StoreError> {
         let mut entries = Vec::new();
         let start = seq_key(user, after.saturating_add(1));
         let end = seq_key(user, u64::MAX);
@@ -55,13 +64,19 @@ impl Store {
             Some(guard) => keys::seq_of(&guard.key()?).unwrap_or(0),
             None => 0,
         };
-        Ok(self.published.conv.get(conversation).map_or(on_disk, |h| on_disk.min(*h)))
+        Ok(self
+            .published
+            .conv
+            .get(conversation)
+            .map_or(on_disk, |h| on_disk.min(*h)))
     }
 
     /// `user`'s role in `conversation`, if a member.
     pub fn role(&self, conversation: &str, user: &str) -> Result<Option<MemberRole>, StoreError> {
         Ok(self.ks.members.get(pair_key(conversation, user))?.map(|v| {
-            v.first().and_then(|r| MemberRole::try_from(i32::from(*r)).ok()).unwrap_or(MemberRole::Member)
+            v.first()
+                .and_then(|r| MemberRole::try_from(i32::from(*r)).ok())
+                .unwrap_or(MemberRole::Member)
         }))
     }
 
@@ -72,18 +87,27 @@ impl Store {
         }
         match self.role(conversation, user)? {
             Some(_) => Ok(()),
-            None => Err(StoreError::Forbidden(format!("{user} is not a member of {conversation}"))),
+            None => Err(StoreError::Forbidden(format!(
+                "{user} is not a member of {conversation}"
+            ))),
         }
     }
 
     /// A conversation with its members and durable last sequence.
     pub fn conversation(&self, id: &str) -> Result<pb::Conversation, StoreError> {
-        let meta = self.ks.meta.get(id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {id}")))?;
+        let meta = self
+            .ks
+            .meta
+            .get(id)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id}")))?;
         let mut conv = pb::Conversation::decode(&*meta)?;
         for guard in self.ks.members.prefix(prefix(id)) {
             let (key, value) = guard.into_inner()?;
             if let Some(user) = keys::second_of(&key, id) {
-                conv.members.push(pb::Member { user_id: user.to_owned(), role: i32::from(value.first().copied().unwrap_or(1)) });
+                conv.members.push(pb::Member {
+                    user_id: user.to_owned(),
+                    role: i32::from(value.first().copied().unwrap_or(1)),
+                });
             }
         }
         conv.last_seq = self.conversation_head(id)?;
@@ -108,20 +132,38 @@ impl Store {
             .into_iter()
             .map(|id| {
                 let read_seq = self.mark(&id, user, ReceiptKind::Read)?;
-                Ok(pb::ConversationHead { conversation: Some(self.conversation(&id)?), read_seq })
+                Ok(pb::ConversationHead {
+                    conversation: Some(self.conversation(&id)?),
+                    read_seq,
+                })
             })
             .collect()
     }
 
     /// Messages of `conversation` with seq < `before` (0: from the newest), newest first.
-    pub fn history(&self, conversation: &str, before: u64, limit: usize) -> Result<(Vec<pb::Message>, bool), StoreError> {
+    pub fn history(
+        &self,
+        conversation: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<(Vec<pb::Message>, bool), StoreError> {
         let head = self.conversation_head(conversation)?;
-        let end = if before == 0 { head } else { before.saturating_sub(1).min(head) };
+        let end = if before == 0 {
+            head
+        } else {
+            before.saturating_sub(1).min(head)
+        };
         let mut messages = Vec::new();
         if end == 0 {
             return Ok((messages, false));
         }
-        for guard in self.ks.log.range(seq_key(conversation, 1)..=seq_key(conversation, end)).rev().take(limit) {
+        for guard in self
+            .ks
+            .log
+            .range(seq_key(conversation, 1)..=seq_key(conversation, end))
+            .rev()
+            .take(limit)
+        {
             messages.push(pb::Message::decode(&*guard.value()?)?);
         }
         let has_more = messages.last().is_some_and(|m| m.seq > 1);
@@ -130,11 +172,24 @@ impl Store {
 
     /// A device's stored delivery cursor.
     pub fn cursor(&self, user: &str, device: &str) -> Result<u64, StoreError> {
-        Ok(self.ks.cursors.get(pair_key(user, device))?.map_or(0, |v| keys::u64_value(&v)))
+        Ok(self
+            .ks
+            .cursors
+            .get(pair_key(user, device))?
+            .map_or(0, |v| keys::u64_value(&v)))
     }
 
     /// A receipt high-water mark of `user` in `conversation`.
-    pub fn mark(&self, conversation: &str, user: &str, kind: ReceiptKind) -> Result<u64, StoreError> {
-        Ok(self.ks.marks.get(mark_key(conversation, user, kind as u8))?.map_or(0, |v| keys::u64_value(&v)))
+    pub fn mark(
+        &self,
+        conversation: &str,
+        user: &str,
+        kind: ReceiptKind,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .ks
+            .marks
+            .get(mark_key(conversation, user, kind as u8))?
+            .map_or(0, |v| keys::u64_value(&v)))
     }
 }

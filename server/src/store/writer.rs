@@ -57,21 +57,57 @@ pub struct SendOutcome {
 /// A change to a group.
 #[derive(Debug, Clone)]
 pub enum GroupOp {
-    Create { name: String, members: Vec<String> },
-    Add { conversation: String, users: Vec<String> },
-    Remove { conversation: String, user: String },
-    Leave { conversation: String },
-    Dissolve { conversation: String },
-    SetRole { conversation: String, user: String, role: MemberRole },
+    Create {
+        name: String,
+        members: Vec<String>,
+    },
+    Add {
+        conversation: String,
+        users: Vec<String>,
+    },
+    Remove {
+        conversation: String,
+        user: String,
+    },
+    Leave {
+        conversation: String,
+    },
+    Dissolve {
+        conversation: String,
+    },
+    SetRole {
+        conversation: String,
+        user: String,
+        role: MemberRole,
+    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub(super) enum Command {
-    Send { sender: Arc<str>, device: Arc<str>, target: Target, msg: pb::SendMessage, reply: Reply<SendOutcome> },
-    Group { actor: Arc<str>, op: GroupOp, reply: Reply<pb::Conversation> },
-    MarkRead { user: Arc<str>, conversation: String, up_to: u64, reply: Reply<u64> },
-    Ack { user: Arc<str>, device: Arc<str>, up_to: u64 },
+    Send {
+        sender: Arc<str>,
+        device: Arc<str>,
+        target: Target,
+        msg: pb::SendMessage,
+        reply: Reply<SendOutcome>,
+    },
+    Group {
+        actor: Arc<str>,
+        op: GroupOp,
+        reply: Reply<pb::Conversation>,
+    },
+    MarkRead {
+        user: Arc<str>,
+        conversation: String,
+        up_to: u64,
+        reply: Reply<u64>,
+    },
+    Ack {
+        user: Arc<str>,
+        device: Arc<str>,
+        up_to: u64,
+    },
 }
 
 /// Cheap to clone; every session holds one.
@@ -83,7 +119,10 @@ pub struct WriterHandle {
 impl WriterHandle {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| StoreError::WriterGone)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
@@ -95,7 +134,14 @@ impl WriterHandle {
         target: Target,
         msg: pb::SendMessage,
     ) -> Result<SendOutcome, StoreError> {
-        self.call(|reply| Command::Send { sender, device, target, msg, reply }).await
+        self.call(|reply| Command::Send {
+            sender,
+            device,
+            target,
+            msg,
+            reply,
+        })
+        .await
     }
 
     /// Queues a send without waiting; the answer arrives on the returned receiver. Lets a
@@ -109,24 +155,57 @@ impl WriterHandle {
     ) -> Result<oneshot::Receiver<Result<SendOutcome, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Send { sender, device, target, msg, reply })
+            .send(Command::Send {
+                sender,
+                device,
+                target,
+                msg,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::WriterGone)?;
         Ok(rx)
     }
 
-    pub async fn group(&self, actor: Arc<str>, op: GroupOp) -> Result<pb::Conversation, StoreError> {
+    pub async fn group(
+        &self,
+        actor: Arc<str>,
+        op: GroupOp,
+    ) -> Result<pb::Conversation, StoreError> {
         self.call(|reply| Command::Group { actor, op, reply }).await
     }
 
     /// Marks `conversation` read up to `up_to`; returns the user's read mark afterwards.
-    pub async fn mark_read(&self, user: Arc<str>, conversation: String, up_to: u64) -> Result<u64, StoreError> {
-        self.call(|reply| Command::MarkRead { user, conversation, up_to, reply }).await
+    pub async fn mark_read(
+        &self,
+        user: Arc<str>,
+        conversation: String,
+        up_to: u64,
+    ) -> Result<u64, StoreError> {
+        self.call(|reply| Command::MarkRead {
+            user,
+            conversation,
+            up_to,
+            reply,
+        })
+        .await
     }
 
     /// Records a device's cumulative acknowledgement (no answer: cursors are hints).
-    pub async fn ack(&self, user: Arc<str>, device: Arc<str>, up_to: u64) -> Result<(), StoreError> {
-        self.tx.send(Command::Ack { user, device, up_to }).await.map_err(|_| StoreError::WriterGone)
+    pub async fn ack(
+        &self,
+        user: Arc<str>,
+        device: Arc<str>,
+        up_to: u64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .send(Command::Ack {
+                user,
+                device,
+                up_to,
+            })
+            .await
+            .map_err(|_| StoreError::WriterGone)
     }
 }
 
@@ -172,7 +251,10 @@ impl Conv {
         let mut members: Vec<pb::Member> = self
             .members
             .iter()
-            .map(|(user, role)| pb::Member { user_id: user.to_string(), role: *role as i32 })
+            .map(|(user, role)| pb::Member {
+                user_id: user.to_string(),
+                role: *role as i32,
+            })
             .collect();
         members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         pb::Conversation {
@@ -201,6 +283,9 @@ impl Conv {
     }
 }
 
+/// Answers a command once its group's commit is known: `None` on success, else the failure.
+pub(super) type DeferredReply = Box<dyn FnOnce(Option<&str>) + Send>;
+
 /// What one group of commands has done so far, before its commit.
 #[derive(Default)]
 pub(super) struct Group {
@@ -210,7 +295,7 @@ pub(super) struct Group {
     pub idem: HashMap<(Arc<str>, String), SendOutcome>,
     /// Cursor and mark values written in this group (full key → value).
     pub u64s: HashMap<Vec<u8>, u64>,
-    pub replies: Vec<Box<dyn FnOnce(Option<&str>) + Send>>,
+    pub replies: Vec<DeferredReply>,
 }
 
 pub(super) struct Writer {
@@ -273,7 +358,13 @@ impl Writer {
 
     fn apply(&mut self, command: Command, batch: &mut WriteBatch) {
         match command {
-            Command::Send { sender, device, target, msg, reply } => {
+            Command::Send {
+                sender,
+                device,
+                target,
+                msg,
+                reply,
+            } => {
                 let result = self.send(&sender, &device, target, msg, batch);
                 self.defer(reply, result);
             }
@@ -281,11 +372,20 @@ impl Writer {
                 let result = self.group_op(&actor, op, batch);
                 self.defer(reply, result);
             }
-            Command::MarkRead { user, conversation, up_to, reply } => {
+            Command::MarkRead {
+                user,
+                conversation,
+                up_to,
+                reply,
+            } => {
                 let result = self.mark_read(&user, &conversation, up_to, batch);
                 self.defer(reply, result);
             }
-            Command::Ack { user, device, up_to } => {
+            Command::Ack {
+                user,
+                device,
+                up_to,
+            } => {
                 if let Err(e) = self.ack(&user, &device, up_to, batch) {
                     error!(error = %e, %user, "recording an ack failed");
                 }
@@ -303,7 +403,9 @@ impl Writer {
             Ok(value) => self.group.replies.push(Box::new(move |failure| {
                 let _ = reply.send(match failure {
                     None => Ok(value),
-                    Some(reason) => Err(StoreError::Storage(fjall::Error::Io(std::io::Error::other(reason.to_owned())))),
+                    Some(reason) => Err(StoreError::Storage(fjall::Error::Io(
+                        std::io::Error::other(reason.to_owned()),
+                    ))),
                 });
             })),
         }
@@ -320,7 +422,9 @@ impl Writer {
             for guard in self.ks.members.prefix(prefix(id)) {
                 let (key, value) = guard.into_inner()?;
                 if let Some(user) = keys::second_of(&key, id) {
-                    let role = value.first().and_then(|r| MemberRole::try_from(i32::from(*r)).ok());
+                    let role = value
+                        .first()
+                        .and_then(|r| MemberRole::try_from(i32::from(*r)).ok());
                     members.insert(Arc::from(user), role.unwrap_or(MemberRole::Member));
                 }
             }
@@ -369,7 +473,10 @@ impl Writer {
         batch: &mut WriteBatch,
     ) -> Result<u64, StoreError> {
         let seq = self.inbox_head(user)? + 1;
-        let entry = pb::InboxEntry { inbox_seq: seq, body: Some(body) };
+        let entry = pb::InboxEntry {
+            inbox_seq: seq,
+            body: Some(body),
+        };
         batch.insert(&self.ks.inbox, seq_key(user, seq), entry.encode_to_vec());
         self.inbox_heads.insert(user.clone(), seq);
         self.group.touched_users.insert(user.clone());
@@ -384,7 +491,13 @@ impl Writer {
         Ok(ks.get(key)?.map_or(0, |v| keys::u64_value(&v)))
     }
 
-    pub(super) fn put_u64(&mut self, ks: &fjall::Keyspace, key: Vec<u8>, value: u64, batch: &mut WriteBatch) {
+    pub(super) fn put_u64(
+        &mut self,
+        ks: &fjall::Keyspace,
+        key: Vec<u8>,
+        value: u64,
+        batch: &mut WriteBatch,
+    ) {
         batch.insert(ks, key.clone(), value.to_be_bytes().to_vec());
         self.group.u64s.insert(key, value);
     }
@@ -399,10 +512,15 @@ impl Writer {
     ) -> Result<SendOutcome, StoreError> {
         let size = msg.text.len() + msg.payload.len();
         if size > self.limits.max_message_bytes {
-            return Err(StoreError::MessageTooLarge { size, max: self.limits.max_message_bytes });
+            return Err(StoreError::MessageTooLarge {
+                size,
+                max: self.limits.max_message_bytes,
+            });
         }
         if msg.client_message_id.len() > 128 {
-            return Err(StoreError::InvalidArgument("client_message_id is longer than 128 bytes".into()));
+            return Err(StoreError::InvalidArgument(
+                "client_message_id is longer than 128 bytes".into(),
+            ));
         }
         if let Some(outcome) = self.find_duplicate(sender, &msg.client_message_id)? {
             return Ok(outcome);
@@ -413,7 +531,9 @@ impl Writer {
                 tern_protocol::ids::validate_id(peer)
                     .map_err(|e| StoreError::InvalidArgument(format!("peer: {e}")))?;
                 if **peer == **sender {
-                    return Err(StoreError::InvalidArgument("a direct conversation needs another user".into()));
+                    return Err(StoreError::InvalidArgument(
+                        "a direct conversation needs another user".into(),
+                    ));
                 }
                 let id = tern_protocol::ids::direct_conversation_id(sender, peer);
                 if self.conv(&id)?.is_none() {
@@ -422,12 +542,18 @@ impl Writer {
                 id
             }
         };
-        let conv = self.conv(&conv_id)?.ok_or_else(|| StoreError::NotFound(format!("conversation {conv_id}")))?;
+        let conv = self
+            .conv(&conv_id)?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {conv_id}")))?;
         if conv.dissolved {
-            return Err(StoreError::Forbidden(format!("conversation {conv_id} was dissolved")));
+            return Err(StoreError::Forbidden(format!(
+                "conversation {conv_id} was dissolved"
+            )));
         }
         if !conv.members.contains_key(sender) {
-            return Err(StoreError::Forbidden(format!("{sender} is not a member of {conv_id}")));
+            return Err(StoreError::Forbidden(format!(
+                "{sender} is not a member of {conv_id}"
+            )));
         }
         conv.last_seq += 1;
         let seq = conv.last_seq;
@@ -446,7 +572,11 @@ impl Writer {
             text: msg.text,
             payload: msg.payload,
         };
-        batch.insert(&self.ks.log, seq_key(&conv_id, seq), message.encode_to_vec());
+        batch.insert(
+            &self.ks.log,
+            seq_key(&conv_id, seq),
+            message.encode_to_vec(),
+        );
         // Inboxes hold a reference (conversation, seq, sender); readers resolve it from the log.
         let reference = pb::inbox_entry::Body::Message(pb::Message {
             conversation_id: conv_id.clone(),
@@ -462,24 +592,45 @@ impl Writer {
                 sender_inbox_seq = inbox_seq;
             }
         }
-        let outcome = SendOutcome { message, duplicate: false, sender_inbox_seq };
+        let outcome = SendOutcome {
+            message,
+            duplicate: false,
+            sender_inbox_seq,
+        };
         if !msg.client_message_id.is_empty() {
             let mut value = seq.to_be_bytes().to_vec();
             value.extend_from_slice(&sender_inbox_seq.to_be_bytes());
             value.extend_from_slice(conv_id.as_bytes());
-            batch.insert(&self.ks.idem, pair_key(sender, &msg.client_message_id), value);
-            self.group.idem.insert((sender.clone(), msg.client_message_id), outcome.clone());
+            batch.insert(
+                &self.ks.idem,
+                pair_key(sender, &msg.client_message_id),
+                value,
+            );
+            self.group
+                .idem
+                .insert((sender.clone(), msg.client_message_id), outcome.clone());
         }
         Ok(outcome)
     }
 
     /// The original outcome of an earlier send with the same client message id.
-    fn find_duplicate(&self, sender: &Arc<str>, client_message_id: &str) -> Result<Option<SendOutcome>, StoreError> {
+    fn find_duplicate(
+        &self,
+        sender: &Arc<str>,
+        client_message_id: &str,
+    ) -> Result<Option<SendOutcome>, StoreError> {
         if client_message_id.is_empty() {
             return Ok(None);
         }
-        if let Some(outcome) = self.group.idem.get(&(sender.clone(), client_message_id.to_owned())) {
-            return Ok(Some(SendOutcome { duplicate: true, ..outcome.clone() }));
+        if let Some(outcome) = self
+            .group
+            .idem
+            .get(&(sender.clone(), client_message_id.to_owned()))
+        {
+            return Ok(Some(SendOutcome {
+                duplicate: true,
+                ..outcome.clone()
+            }));
         }
         let Some(value) = self.ks.idem.get(pair_key(sender, client_message_id))? else {
             return Ok(None);
@@ -495,7 +646,11 @@ impl Writer {
             .log
             .get(seq_key(&conv, seq))?
             .ok_or_else(|| StoreError::NotFound(format!("message {conv}/{seq}")))?;
-        Ok(Some(SendOutcome { message: pb::Message::decode(&*stored)?, duplicate: true, sender_inbox_seq }))
+        Ok(Some(SendOutcome {
+            message: pb::Message::decode(&*stored)?,
+            duplicate: true,
+            sender_inbox_seq,
+        }))
     }
 
     fn create_direct(&mut self, id: &str, a: &Arc<str>, b: &str, batch: &mut WriteBatch) {
@@ -508,11 +663,20 @@ impl Writer {
             created_at_ms: crate::auth::unix_now_ms(),
             dissolved: false,
             last_seq: 0,
-            members: [(a.clone(), MemberRole::Member), (b.clone(), MemberRole::Member)].into_iter().collect(),
+            members: [
+                (a.clone(), MemberRole::Member),
+                (b.clone(), MemberRole::Member),
+            ]
+            .into_iter()
+            .collect(),
         };
         batch.insert(&self.ks.meta, id.as_bytes(), conv.meta());
         for user in [a, &b] {
-            batch.insert(&self.ks.members, pair_key(&id, user), vec![MemberRole::Member as u8]);
+            batch.insert(
+                &self.ks.members,
+                pair_key(&id, user),
+                vec![MemberRole::Member as u8],
+            );
             batch.insert(&self.ks.user_convs, pair_key(user, &id), Vec::new());
         }
         self.published.conv.insert(id.clone(), 0);
