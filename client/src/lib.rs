@@ -255,6 +255,10 @@ impl Client {
         let mut tasks = vec![
             tokio::spawn(control_reader(reader, inner.clone())),
             tokio::spawn(messaging::accept_pushes(inner.clone())),
+            tokio::spawn(messaging::reap_idle_streams(
+                inner.clone(),
+                config.transport.conversation_idle,
+            )),
         ];
         if config.auto_sync {
             tasks.push(tokio::spawn(messaging::keep_in_sync(inner.clone(), start)));
@@ -325,6 +329,12 @@ impl Client {
             set.remove(conversation_id);
             self.inner.unpaused.notify_waiters();
         }
+    }
+
+    /// Conversation streams currently open (for diagnostics and tests).
+    #[doc(hidden)]
+    pub async fn open_conversation_streams(&self) -> usize {
+        self.inner.conversations.lock().await.len()
     }
 
     /// Waits until the connection is closed, returning why.

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tern_protocol::pb::{
@@ -57,8 +57,10 @@ type AckSlot = oneshot::Sender<Result<pb::SendAck, ClientError>>;
 
 /// One open conversation stream: writes are serialized, answers come back in order.
 pub(crate) struct ConversationStream {
-    send: tokio::sync::Mutex<quinn::SendStream>,
+    /// `None` once the idle reaper finished the stream; senders then open a new one.
+    send: tokio::sync::Mutex<Option<quinn::SendStream>>,
     pending: Arc<Mutex<VecDeque<AckSlot>>>,
+    last_used: Mutex<Instant>,
 }
 
 impl Client {
@@ -89,23 +91,27 @@ impl Client {
         msg: pb::SendMessage,
     ) -> Result<SentMessage, ClientError> {
         let client_message_id = msg.client_message_id.clone();
-        let stream = self.conversation_stream(&target).await?;
-        let (tx, rx) = oneshot::channel();
         let bytes = tern_protocol::frame::frame_bytes(
             &ClientFrame {
                 body: Some(client_frame::Body::Send(msg)),
             },
             self.inner.max_frame,
         )?;
-        {
-            let mut send = stream.send.lock().await;
+        let rx = loop {
+            let stream = self.conversation_stream(&target).await?;
+            let mut guard = stream.send.lock().await;
+            // Reaped between lookup and lock: the map no longer holds it, so this opens anew.
+            let Some(send) = guard.as_mut() else { continue };
+            *lock(&stream.last_used) = Instant::now();
+            let (tx, rx) = oneshot::channel();
             lock(&stream.pending).push_back(tx);
-            if let Err(e) = send.write_chunk(bytes).await {
-                drop(send);
+            if let Err(e) = send.write_chunk(bytes.clone()).await {
+                drop(guard);
                 self.inner.conversations.lock().await.remove(&key(&target));
                 return Err(e.into());
             }
-        }
+            break rx;
+        };
         let ack = rx.await.map_err(|_| self.lost())??;
         // The server does not push our own message back to this device.
         lock(&self.inner.inbox).accept(ack.inbox_seq);
@@ -131,10 +137,11 @@ impl Client {
         &self,
         target: &SendTarget,
     ) -> Result<Arc<ConversationStream>, ClientError> {
-        let mut streams = self.inner.conversations.lock().await;
-        if let Some(stream) = streams.get(&key(target)) {
+        if let Some(stream) = self.inner.conversations.lock().await.get(&key(target)) {
             return Ok(stream.clone());
         }
+        // Not holding the map lock here: opening may wait for stream credit, which the idle
+        // reaper (which needs the map) frees.
         let (mut send, recv) = self.inner.conn.open_bi().await?;
         let open = match target {
             SendTarget::Conversation(id) => pb::OpenConversation {
@@ -156,10 +163,20 @@ impl Client {
         .await?;
         let pending: Arc<Mutex<VecDeque<AckSlot>>> = Arc::default();
         let stream = Arc::new(ConversationStream {
-            send: tokio::sync::Mutex::new(send),
+            send: tokio::sync::Mutex::new(Some(send)),
             pending: pending.clone(),
+            last_used: Mutex::new(Instant::now()),
         });
+        let mut streams = self.inner.conversations.lock().await;
+        if let Some(existing) = streams.get(&key(target)) {
+            // Another send opened one meanwhile: use it, so the conversation keeps one stream.
+            if let Some(mut ours) = stream.send.lock().await.take() {
+                let _ = ours.finish();
+            }
+            return Ok(existing.clone());
+        }
         streams.insert(key(target), stream.clone());
+        drop(streams);
         tokio::spawn(read_acks(
             FrameReader::new(recv, self.inner.max_frame),
             pending,
@@ -462,7 +479,15 @@ async fn read_acks(
             let _ = slot.send(result);
         }
     }
-    inner.conversations.lock().await.remove(&key);
+    // Forget this stream, unless a newer stream for the conversation has replaced it.
+    let mut streams = inner.conversations.lock().await;
+    if streams
+        .get(&key)
+        .is_some_and(|s| Arc::ptr_eq(&s.pending, &pending))
+    {
+        streams.remove(&key);
+    }
+    drop(streams);
     for slot in lock(&pending).drain(..) {
         let _ = slot.send(Err(ClientError::Closed));
     }
@@ -521,5 +546,30 @@ pub(crate) async fn keep_in_sync(inner: Arc<Inner>, start: u64) {
         {
             return;
         }
+    }
+}
+
+/// Finishes conversation streams that have been idle for `idle`, so a client active in many
+/// conversations over time stays within the server's stream limit.
+pub(crate) async fn reap_idle_streams(inner: Arc<Inner>, idle: Duration) {
+    let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(10)));
+    loop {
+        tick.tick().await;
+        let mut streams = inner.conversations.lock().await;
+        streams.retain(|_, stream| {
+            let busy =
+                !lock(&stream.pending).is_empty() || lock(&stream.last_used).elapsed() < idle;
+            if busy {
+                return true;
+            }
+            // A sender holding the lock is about to use it: keep it.
+            let Ok(mut send) = stream.send.try_lock() else {
+                return true;
+            };
+            if let Some(mut send) = send.take() {
+                let _ = send.finish();
+            }
+            false
+        });
     }
 }

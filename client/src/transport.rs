@@ -37,6 +37,10 @@ pub struct TransportSettings {
     pub idle_timeout: Duration,
     /// How long to wait for the handshake and Welcome.
     pub connect_timeout: Duration,
+    /// A conversation stream unused for this long is finished (the next send opens a new
+    /// one). 30 s keeps a chat's stream open across a conversation's pauses while freeing
+    /// the server's per-connection stream budget (64 by default) for other conversations.
+    pub conversation_idle: Duration,
 }
 
 impl Default for TransportSettings {
@@ -45,6 +49,7 @@ impl Default for TransportSettings {
             keep_alive: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            conversation_idle: Duration::from_secs(30),
         }
     }
 }

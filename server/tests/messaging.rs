@@ -538,3 +538,31 @@ async fn blocked_conversation_does_not_delay_another() {
     quiet(&mut bob_events, 500).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn idle_conversation_streams_close_so_many_conversations_fit_the_stream_limit() {
+    // 100 conversations through a server that allows 16 concurrent client streams.
+    let server = TestServer::start_with(|c| c.max_client_bidi_streams = 16).await;
+    let mut config = server.config(&server.token("alice", "phone"));
+    config.transport.conversation_idle = Duration::from_millis(100);
+    let (alice, _a) = tern_client::Client::connect(config).await.unwrap();
+    for i in 0..100 {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            alice.send(SendTarget::User(format!("user{i}")), "hi", None),
+        )
+        .await
+        .expect("send stalled on the stream limit")
+        .unwrap();
+        assert_eq!(sent.seq, 1);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(alice.open_conversation_streams().await, 0);
+    // A conversation whose stream was closed opens a new one on the next send.
+    let sent = alice
+        .send(SendTarget::User("user0".into()), "again", None)
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 2);
+    server.stop().await;
+}
