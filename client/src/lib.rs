@@ -130,6 +130,15 @@ pub(crate) struct Inner {
     pub paused: Mutex<HashSet<String>>,
     pub unpaused: tokio::sync::Notify,
     pub pending_pings: Mutex<HashMap<u64, oneshot::Sender<pb::Pong>>>,
+    /// Held for writing while a sync reports entries, so pushes (which the server may send
+    /// as soon as its last page is out) are reported after the synced entries, not among
+    /// them: each conversation's events stay in order.
+    pub sync_gate: tokio::sync::RwLock<()>,
+    pub user: String,
+    pub device: String,
+    /// Client message ids this device is sending now: their messages reach the app through
+    /// the send's result, never also as events (whichever of SendAck, push or sync comes first).
+    pub sending: Mutex<HashSet<String>>,
 }
 
 /// A connected, authenticated client.
@@ -251,6 +260,10 @@ impl Client {
             paused: Mutex::default(),
             unpaused: tokio::sync::Notify::new(),
             pending_pings: Mutex::default(),
+            sync_gate: tokio::sync::RwLock::new(()),
+            user: session.user.clone(),
+            device: session.device.clone(),
+            sending: Mutex::default(),
         });
         let mut tasks = vec![
             tokio::spawn(control_reader(reader, inner.clone())),

@@ -90,6 +90,22 @@ impl Client {
         target: SendTarget,
         msg: pb::SendMessage,
     ) -> Result<SentMessage, ClientError> {
+        let mut msg = msg;
+        if msg.client_message_id.is_empty() {
+            msg.client_message_id = random_id();
+        }
+        let client_message_id = msg.client_message_id.clone();
+        lock(&self.inner.sending).insert(client_message_id.clone());
+        let result = self.send_tracked(target, msg).await;
+        lock(&self.inner.sending).remove(&client_message_id);
+        result
+    }
+
+    async fn send_tracked(
+        &self,
+        target: SendTarget,
+        msg: pb::SendMessage,
+    ) -> Result<SentMessage, ClientError> {
         let client_message_id = msg.client_message_id.clone();
         let bytes = tern_protocol::frame::frame_bytes(
             &ClientFrame {
@@ -354,6 +370,11 @@ impl Inner {
         since: u64,
         emit: bool,
     ) -> Result<crate::SyncResult, ClientError> {
+        let _gate = if emit {
+            Some(self.sync_gate.write().await)
+        } else {
+            None
+        };
         let (mut send, recv) = self.conn.open_bi().await?;
         let req = pb::Request {
             body: Some(request::Body::Sync(pb::SyncRequest {
@@ -404,6 +425,11 @@ impl Inner {
     /// Records an entry; reports it as an event if it is new and `emit`. Returns whether new.
     pub(crate) async fn receive(&self, entry: &pb::InboxEntry, emit: bool) -> bool {
         let new = lock(&self.inbox).accept(entry.inbox_seq);
+        let own_send_in_flight = matches!(&entry.body, Some(pb::inbox_entry::Body::Message(m))
+            if m.sender == self.user
+                && m.sender_device == self.device
+                && lock(&self.sending).contains(&m.client_message_id));
+        let emit = emit && !own_send_in_flight;
         if new
             && emit
             && let Some(event) = event_of(entry)
@@ -522,6 +548,7 @@ async fn read_pushes(mut reader: FrameReader, inner: Arc<Inner>) {
             Ok(Some(ServerFrame {
                 body: Some(server_frame::Body::Entry(entry)),
             })) => {
+                let _gate = inner.sync_gate.read().await;
                 inner.receive(&entry, true).await;
             }
             _ => return,

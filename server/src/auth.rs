@@ -127,19 +127,7 @@ impl Authenticator {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir).map_err(io)?;
-                let mut raw = [0u8; 32];
-                rand::rng().fill_bytes(&mut raw);
-                let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    options.mode(0o600);
-                }
-                let mut file = options.open(&path).map_err(io)?;
-                file.write_all(secret.as_bytes()).map_err(io)?;
-                file.sync_all().map_err(io)?;
+                let secret = generate_secret_file(data_dir, &path).map_err(io)?;
                 Ok(Self::new(secret.as_bytes()))
             }
             Err(e) => Err(io(e)),
@@ -179,6 +167,37 @@ impl Authenticator {
             user: claims.sub,
             device,
         })
+    }
+}
+
+/// Writes a new random secret to `path` unless another process got there first, and returns
+/// the secret in the file. The secret is written completely to a private temporary file, then
+/// hard-linked into place: linking fails if `path` exists, so two processes starting at once
+/// (a server and `tern-server token`) agree on one secret and never read a partial file.
+fn generate_secret_file(dir: &Path, path: &Path) -> std::io::Result<String> {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!("{SECRET_FILE}.{}.{}.tmp", std::process::id(), &secret[..8]));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(secret.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(secret),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(std::fs::read_to_string(path)?.trim().to_owned())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -245,6 +264,30 @@ mod tests {
             auth.verify(&expired).unwrap_err().code(),
             ErrorCode::TokenExpired
         );
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_secret() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_owned();
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        Authenticator::load_or_generate(None, &path).unwrap()
+                    })
+                })
+                .collect();
+            let auths: Vec<Authenticator> =
+                threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let token = auths[0]
+                .mint("alice", "phone", Duration::from_secs(60))
+                .unwrap();
+            for auth in &auths {
+                assert_eq!(auth.verify(&token).unwrap().user, "alice");
+            }
+        }
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //! [`LocalDelivery`] records the new head in each of the user's sessions. Each session's pusher
 //! then reads the new entries from the inbox (the truth) and hands each to the writer task of
 //! its conversation's push stream. Nothing here ever waits on a device: heads are a `watch`,
-//! and a conversation queue that is full drops its entry, which the device recovers by sync.
+//! and when a conversation's queue is full that conversation is held back (its later entries
+//! are not queued) until its stream drains; then its entries are re-read from the inbox, so
+//! each conversation stays in order and no other conversation waits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tern_protocol::pb::{self, ServerFrame, server_frame};
@@ -109,31 +112,139 @@ pub async fn push_loop(state: Arc<ServerState>, session: Arc<Session>) {
             return;
         }
     };
+    debug!(from = pushed, "session live");
     let mut heads = session.push.head.subscribe();
-    let mut conversations: HashMap<String, mpsc::Sender<Arc<pb::InboxEntry>>> = HashMap::new();
+    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
+    let mut pusher = Pusher {
+        state: state.clone(),
+        session: session.clone(),
+        queues: HashMap::new(),
+        lagging: HashMap::new(),
+        drained_tx,
+    };
     loop {
         let head = *heads.borrow_and_update();
         while pushed < head {
-            let entries = match state.store.read_inbox(&session.user, pushed, READ_BATCH) {
-                Ok(entries) if !entries.is_empty() => entries,
-                Ok(_) => break,
-                Err(e) => {
-                    debug!(error = %e, "push read failed; the device recovers by sync");
-                    break;
-                }
+            let Some(entries) = pusher.read(pushed) else {
+                break;
             };
             for entry in entries {
                 pushed = entry.inbox_seq;
-                if is_own_send(&entry, &session) {
-                    // The sending device learnt this entry's inbox sequence from its SendAck.
-                    continue;
-                }
-                route(&state, &session, &mut conversations, Arc::new(entry));
+                pusher.route(entry);
             }
         }
         tokio::select! {
             changed = heads.changed() => if changed.is_err() { return },
+            Some(conversation) = drained_rx.recv() => pusher.resume(&conversation, pushed),
             _ = session.conn.closed() => return,
+        }
+    }
+}
+
+struct ConversationQueue {
+    tx: mpsc::Sender<Arc<pb::InboxEntry>>,
+    /// Set when an entry did not fit; the stream task reports when it has drained.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Routes a session's entries to per-conversation push streams.
+struct Pusher {
+    state: Arc<ServerState>,
+    session: Arc<Session>,
+    queues: HashMap<String, ConversationQueue>,
+    /// Conversations whose queue was full: the first inbox sequence not queued. Their later
+    /// entries are not queued either (order), until the stream drains and `resume` re-reads.
+    lagging: HashMap<String, u64>,
+    drained_tx: mpsc::UnboundedSender<String>,
+}
+
+impl Pusher {
+    fn read(&self, after: u64) -> Option<Vec<pb::InboxEntry>> {
+        match self
+            .state
+            .store
+            .read_inbox(&self.session.user, after, READ_BATCH)
+        {
+            Ok(entries) if !entries.is_empty() => Some(entries),
+            Ok(_) => None,
+            Err(e) => {
+                debug!(error = %e, "push read failed; the device recovers by sync");
+                None
+            }
+        }
+    }
+
+    /// Queues `entry` on its conversation's push stream, opening one if needed. Never waits.
+    fn route(&mut self, entry: pb::InboxEntry) {
+        if is_own_send(&entry, &self.session) {
+            // The sending device learnt this entry's inbox sequence from its SendAck.
+            return;
+        }
+        let conversation = conversation_of(&entry).to_owned();
+        if self.lagging.contains_key(&conversation) {
+            return;
+        }
+        let mut entry = Arc::new(entry);
+        for _ in 0..2 {
+            let queue = self.queues.entry(conversation.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
+                let overflowed = Arc::new(AtomicBool::new(false));
+                let task = PushStream {
+                    state: self.state.clone(),
+                    session: self.session.clone(),
+                    conversation: conversation.clone(),
+                    overflowed: overflowed.clone(),
+                    drained_tx: self.drained_tx.clone(),
+                };
+                tokio::spawn(task.run(rx));
+                ConversationQueue { tx, overflowed }
+            });
+            match queue.tx.try_send(entry) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(missed)) => {
+                    debug!(%conversation, "push queue full; holding the conversation back");
+                    self.lagging.insert(conversation.clone(), missed.inbox_seq);
+                    queue.overflowed.store(true, Ordering::SeqCst);
+                    // The stream may have drained before the flag was set; then report it here.
+                    if queue.tx.capacity() == CONVERSATION_QUEUE
+                        && queue.overflowed.swap(false, Ordering::SeqCst)
+                    {
+                        let _ = self.drained_tx.send(conversation);
+                    }
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    // The stream went idle and closed; open a new one.
+                    self.queues.remove(&conversation);
+                    entry = back;
+                }
+            }
+        }
+    }
+
+    /// A lagging conversation's stream drained: queue its entries again from where it fell
+    /// behind, up to `pushed` (later entries come through the main loop).
+    fn resume(&mut self, conversation: &str, pushed: u64) {
+        let Some(from) = self.lagging.remove(conversation) else {
+            return;
+        };
+        let mut after = from.saturating_sub(1);
+        while after < pushed {
+            let Some(entries) = self.read(after) else {
+                return;
+            };
+            for entry in entries {
+                if entry.inbox_seq > pushed {
+                    return;
+                }
+                after = entry.inbox_seq;
+                if conversation_of(&entry) == conversation {
+                    self.route(entry);
+                    if self.lagging.contains_key(conversation) {
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -152,79 +263,52 @@ fn conversation_of(entry: &pb::InboxEntry) -> &str {
     }
 }
 
-/// Queues `entry` on its conversation's push stream, opening one if needed. Never waits.
-fn route(
-    state: &Arc<ServerState>,
-    session: &Arc<Session>,
-    conversations: &mut HashMap<String, mpsc::Sender<Arc<pb::InboxEntry>>>,
-    entry: Arc<pb::InboxEntry>,
-) {
-    let conv = conversation_of(&entry).to_owned();
-    let mut entry = entry;
-    for _ in 0..2 {
-        let tx = conversations.entry(conv.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
-            tokio::spawn(push_stream(
-                state.clone(),
-                session.clone(),
-                conv.clone(),
-                rx,
-            ));
-            tx
-        });
-        match tx.try_send(entry) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                debug!(conversation = %conv, "push queue full; the device will sync the gap");
-                return;
-            }
-            Err(mpsc::error::TrySendError::Closed(back)) => {
-                // The stream went idle and closed; open a new one.
-                conversations.remove(&conv);
-                entry = back;
-            }
-        }
-    }
-}
-
 /// Writes one conversation's entries, in order, on its own unidirectional stream.
-async fn push_stream(
+struct PushStream {
     state: Arc<ServerState>,
     session: Arc<Session>,
     conversation: String,
-    mut rx: mpsc::Receiver<Arc<pb::InboxEntry>>,
-) {
-    let max = state.config.max_frame_bytes as usize;
-    let Ok(mut send) = session.conn.open_uni().await else {
-        return;
-    };
-    let header = ServerFrame {
-        body: Some(server_frame::Body::PushHeader(pb::PushStreamHeader {
-            conversation_id: conversation,
-        })),
-    };
-    if write_frame(&mut send, &header, max).await.is_err() {
-        return;
-    }
-    loop {
-        let entry = match tokio::time::timeout(PUSH_STREAM_IDLE, rx.recv()).await {
-            Ok(Some(entry)) => entry,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: refuse new entries, but write what was queued meanwhile.
-                rx.close();
-                match rx.try_recv() {
-                    Ok(entry) => entry,
-                    Err(_) => break,
-                }
-            }
+    overflowed: Arc<AtomicBool>,
+    drained_tx: mpsc::UnboundedSender<String>,
+}
+
+impl PushStream {
+    async fn run(self, mut rx: mpsc::Receiver<Arc<pb::InboxEntry>>) {
+        let max = self.state.config.max_frame_bytes as usize;
+        let Ok(mut send) = self.session.conn.open_uni().await else {
+            return;
         };
-        let frame = ServerFrame {
-            body: Some(server_frame::Body::Entry((*entry).clone())),
+        let header = ServerFrame {
+            body: Some(server_frame::Body::PushHeader(pb::PushStreamHeader {
+                conversation_id: self.conversation.clone(),
+            })),
         };
-        if write_frame(&mut send, &frame, max).await.is_err() {
+        if write_frame(&mut send, &header, max).await.is_err() {
             return;
         }
+        loop {
+            let entry = match tokio::time::timeout(PUSH_STREAM_IDLE, rx.recv()).await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(_) => {
+                    // Idle: refuse new entries, but write what was queued meanwhile.
+                    rx.close();
+                    match rx.try_recv() {
+                        Ok(entry) => entry,
+                        Err(_) => break,
+                    }
+                }
+            };
+            let frame = ServerFrame {
+                body: Some(server_frame::Body::Entry((*entry).clone())),
+            };
+            if write_frame(&mut send, &frame, max).await.is_err() {
+                return;
+            }
+            if rx.is_empty() && self.overflowed.swap(false, Ordering::SeqCst) {
+                let _ = self.drained_tx.send(self.conversation.clone());
+            }
+        }
+        let _ = send.finish();
     }
-    let _ = send.finish();
 }

@@ -323,7 +323,14 @@ async fn sync_stream(
             .await
             .map_err(|_| StreamError::Gone)?;
         if complete {
-            session.push.go_live(after);
+            let started = session.push.go_live(after);
+            debug!(
+                since = sync.since_inbox_seq,
+                up_to = after,
+                inbox_head,
+                started,
+                "sync complete"
+            );
             return Ok(());
         }
     }
