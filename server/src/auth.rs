@@ -178,7 +178,11 @@ fn generate_secret_file(dir: &Path, path: &Path) -> std::io::Result<String> {
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!("{SECRET_FILE}.{}.{}.tmp", std::process::id(), &secret[..8]));
+    let tmp = dir.join(format!(
+        "{SECRET_FILE}.{}.{}.tmp",
+        std::process::id(),
+        &secret[..8]
+    ));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
