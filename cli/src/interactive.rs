@@ -1,7 +1,7 @@
 //! Interactive terminal chat: incoming events as readable lines, each stdin line sent.
 
 use tern_client::tern_protocol::pb;
-use tern_client::{Client, ClientConfig, Event, SendTarget};
+use tern_client::{Client, ClientConfig, ConnectionState, Event, SendTarget};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -77,7 +77,19 @@ async fn print_events(mut events: mpsc::Receiver<Event>) {
             Event::SyncTooLong { inbox_head, .. } => {
                 println!("* too far behind: skipped to inbox {inbox_head} (see `history`)");
             }
-            Event::Disconnected { code, reason } => {
+            Event::Presence(p) => {
+                println!(
+                    "* {} is {}",
+                    p.user_id,
+                    p.status().as_str_name().to_ascii_lowercase()
+                );
+            }
+            Event::Typing(t) => println!("* {} is typing in {}", t.user_id, t.conversation_id),
+            Event::Connection(ConnectionState::Reconnecting { attempt, .. }) => {
+                println!("* connection lost; reconnecting (attempt {attempt})");
+            }
+            Event::Connection(ConnectionState::Connected) => println!("* connected"),
+            Event::Connection(ConnectionState::Disconnected { code, reason }) => {
                 let code = code.map_or("", |c| c.as_str_name());
                 println!("* disconnected {code}: {reason}");
                 return;

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use serde_json::{Value, json};
 use tern_client::tern_protocol::pb;
-use tern_client::{Event, SentMessage};
+use tern_client::{ConnectionState, Event, SentMessage};
 
 /// Writes one line and flushes, so that a reader on a pipe sees it at once.
 pub fn emit(value: &Value) -> anyhow::Result<()> {
@@ -96,11 +96,39 @@ pub fn event(event: &Event) -> Option<Value> {
             inbox_seq,
         } => conversation_event(e, *inbox_seq),
         Event::SyncTooLong { inbox_head, heads } => sync_too_long(*inbox_head, heads),
-        Event::Disconnected { code, reason } => json!({
+        Event::Presence(p) => json!({
+            "type": "presence",
+            "user": p.user_id,
+            "status": lower(p.status().as_str_name()),
+            "last_seen_ms": p.last_seen_ms,
+        }),
+        Event::Typing(t) => json!({
+            "type": "typing",
+            "conversation_id": t.conversation_id,
+            "user": t.user_id,
+            "expires_in_ms": t.expires_in_ms,
+        }),
+        Event::Connection(ConnectionState::Disconnected { code, reason }) => json!({
             "type": "disconnected",
             "code": code.map(|c| c.as_str_name()),
             "reason": reason,
         }),
+        Event::Connection(ConnectionState::Reconnecting {
+            attempt,
+            delay,
+            code,
+            reason,
+        }) => json!({
+            "type": "connection",
+            "state": "reconnecting",
+            "attempt": attempt,
+            "delay_ms": delay.as_millis() as u64,
+            "code": code.map(|c| c.as_str_name()),
+            "reason": reason,
+        }),
+        Event::Connection(ConnectionState::Connected) => {
+            json!({"type": "connection", "state": "connected"})
+        }
         _ => return None,
     })
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use tern_client::{Client, ClientConfig, ClientError, Event, SendTarget, Trust};
+use tern_client::tern_protocol::pb::PresenceStatus;
+use tern_client::{Client, ClientConfig, ClientError, ConnectionState, Event, SendTarget, Trust};
 use tokio::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -77,6 +78,13 @@ enum Command {
     #[command(subcommand)]
     Group(GroupCommand),
     /// Print a page of a conversation's messages, newest first.
+    /// Publish this device's presence to everyone who shares a conversation with you.
+    Presence {
+        #[arg(value_parser = ["online", "away"])]
+        status: String,
+    },
+    /// Show "typing…" in a conversation for a few seconds.
+    Typing { conversation_id: String },
     History {
         conversation_id: String,
         /// Only messages before this sequence (0: from the newest).
@@ -220,6 +228,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }))?;
             client.close().await;
         }
+        Command::Presence { status } => {
+            let client = connect_quiet(config).await?;
+            let status = if status == "away" {
+                PresenceStatus::Away
+            } else {
+                PresenceStatus::Online
+            };
+            client.set_presence(status).await?;
+            json::emit(&json!({"presence": status.as_str_name().to_ascii_lowercase()}))?;
+            client.close().await;
+        }
+        Command::Typing { conversation_id } => {
+            let client = connect_quiet(config).await?;
+            client.typing(conversation_id).await?;
+            json::emit(&json!({"typing": conversation_id}))?;
+            client.close().await;
+        }
         Command::Send { target, id, text } => {
             let target = match (&target.to, &target.conversation) {
                 (Some(user), _) => SendTarget::User(user.clone()),
@@ -328,7 +353,7 @@ async fn listen(
             Event::Message { .. } | Event::Receipt { .. } | Event::Conversation { .. } => {
                 counted += 1;
             }
-            Event::Disconnected { code, reason } => {
+            Event::Connection(ConnectionState::Disconnected { code, reason }) => {
                 break Err(match code {
                     Some(code) => anyhow::Error::new(ClientError::Server {
                         code,

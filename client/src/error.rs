@@ -4,7 +4,7 @@ use tern_protocol::ErrorCode;
 use tern_protocol::frame::{EncodeError, FrameError};
 
 /// Everything a client call can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
     /// The configuration is unusable (bad address, unreadable CA file...).
@@ -31,6 +31,9 @@ pub enum ClientError {
     /// The client was closed.
     #[error("client closed")]
     Closed,
+    /// Not connected right now (the client is reconnecting), and it did not reconnect in time.
+    #[error("not connected")]
+    Disconnected,
     /// The operation did not complete in time.
     #[error("timed out")]
     Timeout,
@@ -42,6 +45,23 @@ impl ClientError {
         match self {
             ClientError::Server { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// Whether retrying on a new connection can succeed: the connection was lost, not refused.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::ConnectionLost(_) | ClientError::Disconnected | ClientError::Timeout => {
+                true
+            }
+            ClientError::Server { code, .. } => matches!(
+                code,
+                ErrorCode::ServerShutdown
+                    | ErrorCode::Internal
+                    | ErrorCode::IdleTimeout
+                    | ErrorCode::Ok
+            ),
+            _ => false,
         }
     }
 

@@ -66,6 +66,11 @@ impl InboxTracker {
             .map(|_| self.cursor)
     }
 
+    /// An acknowledgement up to `up_to` did not go out: send it again later.
+    pub(crate) fn unack(&mut self, up_to: u64) {
+        self.acked = self.acked.min(up_to.saturating_sub(1));
+    }
+
     /// The cursor, if it moved since the last acknowledgement.
     pub(crate) fn take_ack(&mut self) -> Option<u64> {
         (self.cursor > self.acked).then(|| {

@@ -13,26 +13,33 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! The client keeps its session alive by itself: when the network changes, the app calls
+//! [`Client::network_changed`] and the connection migrates; when the connection is lost, the
+//! client reconnects with backoff, resumes TLS, and syncs from its cursor, reporting each step
+//! as [`Event::Connection`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod datagrams;
 mod error;
 mod inbox;
+mod link;
 mod messaging;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, server_frame};
-use tern_protocol::{ErrorCode, PROTOCOL_VERSION};
-use tokio::sync::{mpsc, oneshot};
+use tern_protocol::ErrorCode;
+use tern_protocol::pb::{self, ClientFrame, client_frame};
+use tokio::sync::{mpsc, oneshot, watch};
 
+pub use datagrams::ClientStats;
 pub use error::ClientError;
 pub use messaging::{SendTarget, SentMessage, SyncResult};
 pub use tern_protocol;
-use transport::FrameReader;
 pub use transport::{TransportSettings, Trust};
 
 /// Capacity of the event channel. When the app does not drain it, the client stops reading
@@ -57,6 +64,11 @@ pub struct ClientConfig {
     /// Sync from `resume_from` on connect and then receive live pushes as events. Off for
     /// tools that call [`Client::sync`] themselves.
     pub auto_sync: bool,
+    /// Reconnect by itself when the connection is lost (not after an auth failure, a
+    /// replaced session or [`Client::close`]).
+    pub auto_reconnect: bool,
+    /// Start in the background (no presence or typing datagrams, no heartbeats).
+    pub background: bool,
     pub transport: TransportSettings,
 }
 
@@ -70,6 +82,8 @@ impl ClientConfig {
             client_agent: format!("tern-client/{}", env!("CARGO_PKG_VERSION")),
             resume_from: None,
             auto_sync: true,
+            auto_reconnect: true,
+            background: false,
             transport: TransportSettings::default(),
         }
     }
@@ -86,6 +100,26 @@ pub struct Session {
     pub inbox_head: u64,
     pub delivered_cursor: u64,
     pub limits: pb::ServerLimits,
+}
+
+/// The connection's state, as the app shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    Connecting,
+    Connected,
+    /// The connection was lost; the next attempt starts after `delay`.
+    Reconnecting {
+        attempt: u32,
+        delay: Duration,
+        code: Option<ErrorCode>,
+        reason: String,
+    },
+    /// Final: the client will not reconnect.
+    Disconnected {
+        code: Option<ErrorCode>,
+        reason: String,
+    },
 }
 
 /// What the client reports to the app.
@@ -113,23 +147,50 @@ pub enum Event {
         inbox_head: u64,
         heads: Vec<pb::ConversationHead>,
     },
-    /// The session ended; `code` is the server's reason when it gave one.
-    Disconnected {
-        code: Option<ErrorCode>,
-        reason: String,
-    },
+    /// A contact's presence (from the snapshot after connecting, or a live datagram).
+    Presence(pb::Presence),
+    /// Someone is typing in a conversation; the indicator ends after `expires_in_ms` unless
+    /// renewed.
+    Typing(pb::Typing),
+    /// Connecting, connected, reconnecting, disconnected.
+    Connection(ConnectionState),
+}
+
+impl Event {
+    /// The final disconnection, if this is it.
+    pub fn disconnected(&self) -> Option<(Option<ErrorCode>, &str)> {
+        match self {
+            Event::Connection(ConnectionState::Disconnected { code, reason }) => {
+                Some((*code, reason))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether the client currently has a connection.
+#[derive(Clone)]
+pub(crate) enum LinkState {
+    Down,
+    Up(Arc<link::Link>),
+    /// Final: closed by the app, or a failure reconnecting cannot fix.
+    Closed(ClientError),
 }
 
 pub(crate) struct Inner {
-    pub conn: quinn::Connection,
+    pub config: ClientConfig,
+    pub endpoint: quinn::Endpoint,
     pub max_frame: usize,
     pub events: mpsc::Sender<Event>,
+    pub link: watch::Sender<LinkState>,
+    /// The latest link, also while down (for diagnostics).
+    pub last_link: Mutex<Option<Arc<link::Link>>>,
     pub inbox: Mutex<inbox::InboxTracker>,
-    pub control: tokio::sync::Mutex<quinn::SendStream>,
-    pub conversations: tokio::sync::Mutex<HashMap<String, Arc<messaging::ConversationStream>>>,
     pub paused: Mutex<HashSet<String>>,
     pub unpaused: tokio::sync::Notify,
     pub pending_pings: Mutex<HashMap<u64, oneshot::Sender<pb::Pong>>>,
+    pub pending_heartbeats: Mutex<HashMap<u64, oneshot::Sender<pb::Heartbeat>>>,
+    pub next_nonce: AtomicU64,
     /// Held for writing while a sync reports entries, so pushes (which the server may send
     /// as soon as its last page is out) are reported after the synced entries, not among
     /// them: each conversation's events stay in order.
@@ -139,34 +200,34 @@ pub(crate) struct Inner {
     /// Client message ids this device is sending now: their messages reach the app through
     /// the send's result, never also as events (whichever of SendAck, push or sync comes first).
     pub sending: Mutex<HashSet<String>>,
+    pub background: AtomicBool,
+    pub stats: datagrams::Counters,
 }
 
-/// A connected, authenticated client.
+/// A tern client: one device's session, kept alive across network changes and reconnects.
 pub struct Client {
-    endpoint: quinn::Endpoint,
-    session: Session,
     inner: Arc<Inner>,
-    next_nonce: AtomicU64,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("session", &self.session)
+            .field("user", &self.inner.user)
+            .field("device", &self.inner.device)
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
+        self.supervisor.abort();
+        if let LinkState::Up(link) = &*self.inner.link.borrow() {
+            link.close(ErrorCode::Ok, "client dropped");
         }
-        self.inner.conn.close(
-            quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()),
-            b"client dropped",
-        );
+        self.inner
+            .link
+            .send_replace(LinkState::Closed(ClientError::Closed));
     }
 }
 
@@ -175,7 +236,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Client {
-    /// Connects, authenticates, and (with `auto_sync`) starts delivering events.
+    /// Connects and authenticates; then (with `auto_sync`) syncs and delivers events, and
+    /// (with `auto_reconnect`) keeps the session alive. The first connection's failure is
+    /// returned here; later ones are reported as [`Event::Connection`].
     pub async fn connect(
         config: ClientConfig,
     ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
@@ -193,10 +256,7 @@ impl Client {
     ) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
         let (addr, name) =
             transport::resolve(&config.server, config.server_name.as_deref()).await?;
-        let mut endpoint = quinn::Endpoint::client(transport::local_bind_addr(addr))
-            .map_err(|e| ClientError::Config(format!("bind UDP socket: {e}")))?;
-        endpoint
-            .set_default_client_config(transport::client_config(&config.trust, &config.transport)?);
+        let endpoint = transport::endpoint(addr, &config.trust, &config.transport)?;
         let conn = endpoint.connect(addr, &name)?.await?;
         Ok((endpoint, conn))
     }
@@ -204,95 +264,60 @@ impl Client {
     async fn connect_inner(
         config: ClientConfig,
     ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
-        let (endpoint, conn) = Self::connect_raw(&config).await?;
-        let max_frame = tern_protocol::DEFAULT_MAX_FRAME_BYTES;
-        let (mut send, recv) = conn.open_bi().await?;
-        let hello = ClientFrame {
-            body: Some(client_frame::Body::Hello(pb::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                token: config.token.clone(),
-                client_agent: config.client_agent.clone(),
-                last_inbox_seq: config.resume_from.unwrap_or(0),
-                background: false,
-            })),
-        };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&hello, max_frame)?)
-            .await?;
-        let mut reader = FrameReader::new(recv, max_frame);
-        let welcome = match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Welcome(w)),
-            })) => w,
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Error(e)),
-            })) => return Err(e.into()),
-            other => {
-                // The server may close right after its error; prefer its close code.
-                if let Some(reason) = conn.close_reason() {
-                    return Err(reason.into());
-                }
-                return Err(match other {
-                    Err(e) => e,
-                    Ok(frame) => {
-                        ClientError::Unexpected(format!("expected Welcome, got {frame:?}"))
-                    }
-                });
-            }
-        };
-        let session = Session {
-            user: welcome.user_id,
-            device: welcome.device_id,
-            session_id: welcome.session_id,
-            server_time_ms: welcome.server_time_ms,
-            inbox_head: welcome.inbox_head,
-            delivered_cursor: welcome.delivered_cursor,
-            limits: welcome.limits.unwrap_or_default(),
-        };
-        let start = config.resume_from.unwrap_or(session.delivered_cursor);
+        let (addr, _) = transport::resolve(&config.server, config.server_name.as_deref()).await?;
+        let endpoint = transport::endpoint(addr, &config.trust, &config.transport)?;
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+        let _ = events_tx.try_send(Event::Connection(ConnectionState::Connecting));
+        let first = link::establish(&endpoint, &config, config.resume_from.unwrap_or(0)).await?;
+        let start = config
+            .resume_from
+            .unwrap_or(first.link.session.delivered_cursor);
         let inner = Arc::new(Inner {
-            conn: conn.clone(),
-            max_frame,
+            max_frame: tern_protocol::DEFAULT_MAX_FRAME_BYTES,
+            endpoint,
             events: events_tx,
+            link: watch::Sender::new(LinkState::Down),
+            last_link: Mutex::new(None),
             inbox: Mutex::new(inbox::InboxTracker::new(start)),
-            control: tokio::sync::Mutex::new(send),
-            conversations: tokio::sync::Mutex::default(),
             paused: Mutex::default(),
             unpaused: tokio::sync::Notify::new(),
             pending_pings: Mutex::default(),
-            sync_gate: tokio::sync::RwLock::new(()),
-            user: session.user.clone(),
-            device: session.device.clone(),
-            sending: Mutex::default(),
-        });
-        let mut tasks = vec![
-            tokio::spawn(control_reader(reader, inner.clone())),
-            tokio::spawn(messaging::accept_pushes(inner.clone())),
-            tokio::spawn(messaging::reap_idle_streams(
-                inner.clone(),
-                config.transport.conversation_idle,
-            )),
-        ];
-        if config.auto_sync {
-            tasks.push(tokio::spawn(messaging::keep_in_sync(inner.clone(), start)));
-        }
-        let client = Self {
-            endpoint,
-            session,
-            inner,
+            pending_heartbeats: Mutex::default(),
             next_nonce: AtomicU64::new(1),
-            tasks,
-        };
-        Ok((client, events_rx))
+            sync_gate: tokio::sync::RwLock::new(()),
+            user: first.link.session.user.clone(),
+            device: first.link.session.device.clone(),
+            sending: Mutex::default(),
+            background: AtomicBool::new(config.background),
+            stats: datagrams::Counters::default(),
+            config,
+        });
+        let supervisor = tokio::spawn(link::supervise(inner.clone(), first));
+        // Wait until the first link is published, so calls right after connect find it.
+        let mut state = inner.link.subscribe();
+        let _ = state.wait_for(|s| !matches!(s, LinkState::Down)).await;
+        Ok((Self { inner, supervisor }, events_rx))
     }
 
-    pub fn session(&self) -> &Session {
-        &self.session
+    /// The current (or last) session.
+    pub fn session(&self) -> Session {
+        lock(&self.inner.last_link)
+            .as_ref()
+            .map(|l| l.session.clone())
+            .unwrap_or_else(|| Session {
+                user: self.inner.user.clone(),
+                device: self.inner.device.clone(),
+                session_id: String::new(),
+                server_time_ms: 0,
+                inbox_head: 0,
+                delivered_cursor: 0,
+                limits: pb::ServerLimits::default(),
+            })
     }
 
-    /// The underlying QUIC connection (for diagnostics and tests).
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.inner.conn
+    /// The current (or last) QUIC connection, for diagnostics and tests.
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        lock(&self.inner.last_link).as_ref().map(|l| l.conn.clone())
     }
 
     /// The highest inbox sequence up to which this device has received everything. Persist
@@ -303,7 +328,8 @@ impl Client {
 
     /// Round trip on the reliable control stream.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
-        let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
+        let link = self.inner.current()?;
+        let nonce = self.inner.next_nonce.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending_pings).insert(nonce, tx);
         let start = Instant::now();
@@ -313,21 +339,19 @@ impl Client {
                 sent_at_us: 0,
             })),
         };
-        self.inner.write_control(&frame).await?;
-        match rx.await {
-            Ok(_) => Ok(start.elapsed()),
-            Err(_) => Err(self
-                .inner
-                .conn
-                .close_reason()
-                .map_or(ClientError::Closed, ClientError::from)),
+        link.write_control(&frame, self.inner.max_frame).await?;
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(_)) => Ok(start.elapsed()),
+            Ok(Err(_)) => Err(link.lost()),
+            Err(_) => Err(ClientError::Timeout),
         }
     }
 
     /// Writes raw bytes on the control stream. For protocol conformance tests only.
     #[doc(hidden)]
     pub async fn write_control_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.inner.control.lock().await.write_all(bytes).await?;
+        let link = self.inner.current()?;
+        link.control.lock().await.write_all(bytes).await?;
         Ok(())
     }
 
@@ -347,38 +371,108 @@ impl Client {
     /// Conversation streams currently open (for diagnostics and tests).
     #[doc(hidden)]
     pub async fn open_conversation_streams(&self) -> usize {
-        self.inner.conversations.lock().await.len()
+        match self.inner.current() {
+            Ok(link) => link.conversations.lock().await.len(),
+            Err(_) => 0,
+        }
     }
 
-    /// Waits until the connection is closed, returning why.
+    /// The OS reported a network change (Wi-Fi to cellular, a new address): move the
+    /// connection to a fresh UDP socket. QUIC migrates the live connection to the new path
+    /// without a new handshake; nothing in flight is lost.
+    pub fn network_changed(&self) -> Result<(), ClientError> {
+        let remote = self.connection().map(|c| c.remote_address());
+        let local = match remote {
+            Some(remote) => transport::local_bind_addr(remote),
+            None => self
+                .inner
+                .endpoint
+                .local_addr()
+                .map_err(|e| ClientError::Config(e.to_string()))?,
+        };
+        let socket = std::net::UdpSocket::bind(local)
+            .map_err(|e| ClientError::Config(format!("bind UDP socket: {e}")))?;
+        self.inner
+            .endpoint
+            .rebind(socket)
+            .map_err(|e| ClientError::Config(format!("rebind: {e}")))?;
+        Ok(())
+    }
+
+    /// Foreground or background (like XMPP's client state indication). In the background the
+    /// server stops sending this device presence and typing datagrams, the device shows as
+    /// away, and the client stops its heartbeats; messages and receipts still arrive.
+    pub async fn set_background(&self, background: bool) -> Result<(), ClientError> {
+        self.inner.background.store(background, Ordering::Relaxed);
+        let link = self.inner.current()?;
+        let frame = ClientFrame {
+            body: Some(client_frame::Body::ClientState(pb::ClientState {
+                background,
+            })),
+        };
+        link.write_control(&frame, self.inner.max_frame).await
+    }
+
+    /// Waits until the client is finally disconnected, returning why.
     pub async fn closed(&self) -> ClientError {
-        self.inner.conn.closed().await.into()
+        let mut state = self.inner.link.subscribe();
+        match state.wait_for(|s| matches!(s, LinkState::Closed(_))).await {
+            Ok(s) => match &*s {
+                LinkState::Closed(e) => e.clone(),
+                _ => ClientError::Closed,
+            },
+            Err(_) => ClientError::Closed,
+        }
     }
 
     /// Acknowledges what was received, then closes the session gracefully.
     pub async fn close(self) {
-        // A ping after the ack: the server reads the control stream in order, so its pong
-        // proves the ack arrived before the connection is closed (closing discards data in
-        // flight).
-        if self.inner.flush_ack().await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.ping()).await;
+        self.supervisor.abort();
+        if let Ok(link) = self.inner.current() {
+            // A ping after the ack: the server reads the control stream in order, so its pong
+            // proves the ack arrived before the connection is closed (closing discards data in
+            // flight).
+            if self.inner.flush_ack(&link).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.ping()).await;
+            }
+            link.close(ErrorCode::Ok, "bye");
         }
         self.inner
-            .conn
-            .close(quinn::VarInt::from_u32(ErrorCode::Ok.as_u32()), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+            .link
+            .send_replace(LinkState::Closed(ClientError::Closed));
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 }
 
 impl Inner {
-    pub(crate) async fn write_control(&self, frame: &ClientFrame) -> Result<(), ClientError> {
-        let bytes = tern_protocol::frame::frame_bytes(frame, self.max_frame)?;
-        self.control.lock().await.write_chunk(bytes).await?;
-        Ok(())
+    /// The link if connected now.
+    pub(crate) fn current(&self) -> Result<Arc<link::Link>, ClientError> {
+        match &*self.link.borrow() {
+            LinkState::Up(link) => Ok(link.clone()),
+            LinkState::Down => Err(ClientError::Disconnected),
+            LinkState::Closed(e) => Err(e.clone()),
+        }
+    }
+
+    /// The link, waiting up to `reconnect_wait` while the client reconnects.
+    pub(crate) async fn wait_link(&self) -> Result<Arc<link::Link>, ClientError> {
+        let mut state = self.link.subscribe();
+        let wait = self.config.transport.reconnect_wait;
+        let found =
+            tokio::time::timeout(wait, state.wait_for(|s| !matches!(s, LinkState::Down))).await;
+        match found {
+            Ok(Ok(s)) => match &*s {
+                LinkState::Up(link) => Ok(link.clone()),
+                LinkState::Closed(e) => Err(e.clone()),
+                LinkState::Down => Err(ClientError::Disconnected),
+            },
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Disconnected),
+        }
     }
 
     /// Sends the cumulative acknowledgement if the cursor moved.
-    pub(crate) async fn flush_ack(&self) -> Result<(), ClientError> {
+    pub(crate) async fn flush_ack(&self, link: &link::Link) -> Result<(), ClientError> {
         let up_to = lock(&self.inbox).take_ack();
         if let Some(up_to) = up_to {
             let frame = ClientFrame {
@@ -386,46 +480,16 @@ impl Inner {
                     up_to_inbox_seq: up_to,
                 })),
             };
-            self.write_control(&frame).await?;
+            if let Err(e) = link.write_control(&frame, self.max_frame).await {
+                // Not acknowledged after all: try again on the next link.
+                lock(&self.inbox).unack(up_to);
+                return Err(e);
+            }
         }
         Ok(())
     }
-}
 
-/// Reads the control stream: pongs, server errors, and the end of the session.
-async fn control_reader(mut reader: FrameReader, inner: Arc<Inner>) {
-    let mut last_error: Option<pb::Error> = None;
-    loop {
-        match reader.next::<ServerFrame>().await {
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Pong(pong)),
-            })) => {
-                if let Some(tx) = lock(&inner.pending_pings).remove(&pong.nonce) {
-                    let _ = tx.send(pong);
-                }
-            }
-            Ok(Some(ServerFrame {
-                body: Some(server_frame::Body::Error(e)),
-            })) => last_error = Some(e),
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
-        }
+    pub(crate) async fn emit(&self, event: Event) {
+        let _ = self.events.send(event).await;
     }
-    let reason = inner.conn.closed().await;
-    lock(&inner.pending_pings).clear();
-    let event = match (last_error, ClientError::from(reason)) {
-        (Some(e), _) => Event::Disconnected {
-            code: ErrorCode::try_from(e.code).ok(),
-            reason: e.message,
-        },
-        (None, ClientError::Server { code, message }) => Event::Disconnected {
-            code: Some(code),
-            reason: message,
-        },
-        (None, other) => Event::Disconnected {
-            code: None,
-            reason: other.to_string(),
-        },
-    };
-    let _ = inner.events.send(event).await;
 }

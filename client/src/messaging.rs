@@ -10,13 +10,12 @@ use tern_protocol::pb::{
 };
 use tokio::sync::oneshot;
 
+use crate::link::{Link, open_sync};
 use crate::transport::FrameReader;
 use crate::{Client, ClientError, Event, Inner, lock};
 
-/// How long a gap in the inbox may stay open before the client syncs to fill it.
-const GAP_PATIENCE: Duration = Duration::from_millis(800);
-/// How often received entries are acknowledged (cumulatively) and gaps checked.
-const ACK_INTERVAL: Duration = Duration::from_millis(100);
+/// Attempts of one send across reconnects; the client message id makes a retry safe.
+const SEND_ATTEMPTS: usize = 5;
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,26 +83,53 @@ impl Client {
         .await
     }
 
-    /// Sends a message with optional opaque payload.
+    /// Sends a message with optional opaque payload. If the connection is lost before the
+    /// acknowledgement, the send is retried on the next connection with the same client
+    /// message id, so it is stored exactly once.
     pub async fn send_message(
         &self,
         target: SendTarget,
-        msg: pb::SendMessage,
+        mut msg: pb::SendMessage,
     ) -> Result<SentMessage, ClientError> {
-        let mut msg = msg;
         if msg.client_message_id.is_empty() {
             msg.client_message_id = random_id();
         }
         let client_message_id = msg.client_message_id.clone();
         lock(&self.inner.sending).insert(client_message_id.clone());
-        let result = self.send_tracked(target, msg).await;
+        let mut result = Err(ClientError::Disconnected);
+        for _ in 0..SEND_ATTEMPTS {
+            let link = match self.inner.wait_link().await {
+                Ok(link) => link,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            result = self.send_on(&link, &target, msg.clone()).await;
+            match &result {
+                Err(e)
+                    if e.is_transient()
+                        || matches!(e, ClientError::Closed | ClientError::Unexpected(_)) =>
+                {
+                    // Wait for this link to be replaced, then retry.
+                    if link.conn.close_reason().is_none() {
+                        break;
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), self.inner.wait_link()).await;
+                }
+                _ => break,
+            }
+        }
         lock(&self.inner.sending).remove(&client_message_id);
-        result
+        let ack = result?;
+        Ok(ack)
     }
 
-    async fn send_tracked(
+    async fn send_on(
         &self,
-        target: SendTarget,
+        link: &Arc<Link>,
+        target: &SendTarget,
         msg: pb::SendMessage,
     ) -> Result<SentMessage, ClientError> {
         let client_message_id = msg.client_message_id.clone();
@@ -114,7 +140,7 @@ impl Client {
             self.inner.max_frame,
         )?;
         let rx = loop {
-            let stream = self.conversation_stream(&target).await?;
+            let stream = conversation_stream(&self.inner, link, target).await?;
             let mut guard = stream.send.lock().await;
             // Reaped between lookup and lock: the map no longer holds it, so this opens anew.
             let Some(send) = guard.as_mut() else { continue };
@@ -123,12 +149,12 @@ impl Client {
             lock(&stream.pending).push_back(tx);
             if let Err(e) = send.write_chunk(bytes.clone()).await {
                 drop(guard);
-                self.inner.conversations.lock().await.remove(&key(&target));
+                link.conversations.lock().await.remove(&key(target));
                 return Err(e.into());
             }
             break rx;
         };
-        let ack = rx.await.map_err(|_| self.lost())??;
+        let ack = rx.await.map_err(|_| link.lost())??;
         // The server does not push our own message back to this device.
         lock(&self.inner.inbox).accept(ack.inbox_seq);
         Ok(SentMessage {
@@ -142,80 +168,22 @@ impl Client {
         })
     }
 
-    fn lost(&self) -> ClientError {
-        self.inner
-            .conn
-            .close_reason()
-            .map_or(ClientError::Closed, ClientError::from)
-    }
-
-    async fn conversation_stream(
-        &self,
-        target: &SendTarget,
-    ) -> Result<Arc<ConversationStream>, ClientError> {
-        if let Some(stream) = self.inner.conversations.lock().await.get(&key(target)) {
-            return Ok(stream.clone());
-        }
-        // Not holding the map lock here: opening may wait for stream credit, which the idle
-        // reaper (which needs the map) frees.
-        let (mut send, recv) = self.inner.conn.open_bi().await?;
-        let open = match target {
-            SendTarget::Conversation(id) => pb::OpenConversation {
-                conversation_id: id.clone(),
-                direct_peer: String::new(),
-            },
-            SendTarget::User(peer) => pb::OpenConversation {
-                conversation_id: String::new(),
-                direct_peer: peer.clone(),
-            },
-        };
-        let frame = ClientFrame {
-            body: Some(client_frame::Body::OpenConversation(open)),
-        };
-        send.write_chunk(tern_protocol::frame::frame_bytes(
-            &frame,
-            self.inner.max_frame,
-        )?)
-        .await?;
-        let pending: Arc<Mutex<VecDeque<AckSlot>>> = Arc::default();
-        let stream = Arc::new(ConversationStream {
-            send: tokio::sync::Mutex::new(Some(send)),
-            pending: pending.clone(),
-            last_used: Mutex::new(Instant::now()),
-        });
-        let mut streams = self.inner.conversations.lock().await;
-        if let Some(existing) = streams.get(&key(target)) {
-            // Another send opened one meanwhile: use it, so the conversation keeps one stream.
-            if let Some(mut ours) = stream.send.lock().await.take() {
-                let _ = ours.finish();
-            }
-            return Ok(existing.clone());
-        }
-        streams.insert(key(target), stream.clone());
-        drop(streams);
-        tokio::spawn(read_acks(
-            FrameReader::new(recv, self.inner.max_frame),
-            pending,
-            self.inner.clone(),
-            key(target),
-        ));
-        Ok(stream)
-    }
-
     /// Every inbox entry after `since`, in pages, as one result. Entries are also marked as
     /// received; call [`Client::ack`] to advance the server's cursor for this device.
     pub async fn sync(&self, since: u64) -> Result<SyncResult, ClientError> {
-        self.inner.sync(since, false).await
+        let link = self.inner.wait_link().await?;
+        self.inner.sync_on(&link, since, false).await
     }
 
     /// Acknowledges everything up to `inbox_seq` (cumulative).
     pub async fn ack(&self, inbox_seq: u64) -> Result<(), ClientError> {
+        let link = self.inner.wait_link().await?;
         let frame = ClientFrame {
             body: Some(client_frame::Body::AckInbox(pb::AckInbox {
                 up_to_inbox_seq: inbox_seq,
             })),
         };
-        self.inner.write_control(&frame).await
+        link.write_control(&frame, self.inner.max_frame).await
     }
 
     /// Messages of a conversation before `before_seq` (0: the newest), newest first.
@@ -348,10 +316,63 @@ impl Client {
     }
 }
 
+/// The conversation's stream on `link`, opened if needed.
+async fn conversation_stream(
+    inner: &Arc<Inner>,
+    link: &Arc<Link>,
+    target: &SendTarget,
+) -> Result<Arc<ConversationStream>, ClientError> {
+    if let Some(stream) = link.conversations.lock().await.get(&key(target)) {
+        return Ok(stream.clone());
+    }
+    // Not holding the map lock here: opening may wait for stream credit, which the idle
+    // reaper (which needs the map) frees.
+    let (mut send, recv) = link.conn.open_bi().await?;
+    let open = match target {
+        SendTarget::Conversation(id) => pb::OpenConversation {
+            conversation_id: id.clone(),
+            direct_peer: String::new(),
+        },
+        SendTarget::User(peer) => pb::OpenConversation {
+            conversation_id: String::new(),
+            direct_peer: peer.clone(),
+        },
+    };
+    let frame = ClientFrame {
+        body: Some(client_frame::Body::OpenConversation(open)),
+    };
+    send.write_chunk(tern_protocol::frame::frame_bytes(&frame, inner.max_frame)?)
+        .await?;
+    let pending: Arc<Mutex<VecDeque<AckSlot>>> = Arc::default();
+    let stream = Arc::new(ConversationStream {
+        send: tokio::sync::Mutex::new(Some(send)),
+        pending: pending.clone(),
+        last_used: Mutex::new(Instant::now()),
+    });
+    let mut streams = link.conversations.lock().await;
+    if let Some(existing) = streams.get(&key(target)) {
+        // Another send opened one meanwhile: use it, so the conversation keeps one stream.
+        if let Some(mut ours) = stream.send.lock().await.take() {
+            let _ = ours.finish();
+        }
+        return Ok(existing.clone());
+    }
+    streams.insert(key(target), stream.clone());
+    drop(streams);
+    tokio::spawn(read_acks(
+        FrameReader::new(recv, inner.max_frame),
+        pending,
+        link.clone(),
+        key(target),
+    ));
+    Ok(stream)
+}
+
 impl Inner {
     /// One request on its own stream; the first response (or error).
     async fn request(&self, body: request::Body) -> Result<response::Body, ClientError> {
-        let (mut send, recv) = self.conn.open_bi().await?;
+        let link = self.wait_link().await?;
+        let (mut send, recv) = link.conn.open_bi().await?;
         let frame = ClientFrame {
             body: Some(client_frame::Body::Request(pb::Request {
                 body: Some(body),
@@ -364,32 +385,29 @@ impl Inner {
         response_of(reader.next::<ServerFrame>().await?)
     }
 
-    /// Pages the inbox after `since`. With `emit`, new entries become events.
-    pub(crate) async fn sync(
+    /// Pages the inbox after `since` on `link`. With `emit`, new entries become events.
+    pub(crate) async fn sync_on(
         &self,
+        link: &Link,
         since: u64,
         emit: bool,
-    ) -> Result<crate::SyncResult, ClientError> {
+    ) -> Result<SyncResult, ClientError> {
+        let reader = open_sync(&link.conn, since, self.max_frame).await?;
+        self.read_sync(reader, emit).await
+    }
+
+    /// Reads a sync's pages from its response stream.
+    pub(crate) async fn read_sync(
+        &self,
+        mut reader: FrameReader,
+        emit: bool,
+    ) -> Result<SyncResult, ClientError> {
         let _gate = if emit {
             Some(self.sync_gate.write().await)
         } else {
             None
         };
-        let (mut send, recv) = self.conn.open_bi().await?;
-        let req = pb::Request {
-            body: Some(request::Body::Sync(pb::SyncRequest {
-                since_inbox_seq: since,
-                page_size: 0,
-            })),
-        };
-        let frame = ClientFrame {
-            body: Some(client_frame::Body::Request(req)),
-        };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?)
-            .await?;
-        let _ = send.finish();
-        let mut reader = FrameReader::new(recv, self.max_frame);
-        let mut result = crate::SyncResult::default();
+        let mut result = SyncResult::default();
         loop {
             match response_of(reader.next::<ServerFrame>().await?)? {
                 response::Body::SyncPage(page) => {
@@ -412,7 +430,7 @@ impl Inner {
                             inbox_head: too_long.inbox_head,
                             heads: too_long.heads.clone(),
                         };
-                        let _ = self.events.send(event).await;
+                        self.emit(event).await;
                     }
                     result.too_long = Some(too_long);
                     return Ok(result);
@@ -429,12 +447,12 @@ impl Inner {
             if m.sender == self.user
                 && m.sender_device == self.device
                 && lock(&self.sending).contains(&m.client_message_id));
-        let emit = emit && !own_send_in_flight;
         if new
             && emit
+            && !own_send_in_flight
             && let Some(event) = event_of(entry)
         {
-            let _ = self.events.send(event).await;
+            self.emit(event).await;
         }
         new
     }
@@ -480,7 +498,7 @@ fn random_id() -> String {
 async fn read_acks(
     mut reader: FrameReader,
     pending: Arc<Mutex<VecDeque<AckSlot>>>,
-    inner: Arc<Inner>,
+    link: Arc<Link>,
     key: String,
 ) {
     loop {
@@ -493,9 +511,12 @@ async fn read_acks(
             })) => Err(ClientError::from(e)),
             Ok(_) => break,
             Err(e) => {
-                let error = e.to_string();
+                let error = match link.conn.close_reason() {
+                    Some(reason) => ClientError::from(reason),
+                    None => e,
+                };
                 for slot in lock(&pending).drain(..) {
-                    let _ = slot.send(Err(ClientError::Unexpected(error.clone())));
+                    let _ = slot.send(Err(error.clone()));
                 }
                 break;
             }
@@ -506,7 +527,7 @@ async fn read_acks(
         }
     }
     // Forget this stream, unless a newer stream for the conversation has replaced it.
-    let mut streams = inner.conversations.lock().await;
+    let mut streams = link.conversations.lock().await;
     if streams
         .get(&key)
         .is_some_and(|s| Arc::ptr_eq(&s.pending, &pending))
@@ -515,13 +536,13 @@ async fn read_acks(
     }
     drop(streams);
     for slot in lock(&pending).drain(..) {
-        let _ = slot.send(Err(ClientError::Closed));
+        let _ = slot.send(Err(link.lost()));
     }
 }
 
 /// Accepts the server's push streams, one task per conversation stream.
-pub(crate) async fn accept_pushes(inner: Arc<Inner>) {
-    while let Ok(recv) = inner.conn.accept_uni().await {
+pub(crate) async fn accept_pushes(link: Arc<Link>, inner: Arc<Inner>) {
+    while let Ok(recv) = link.conn.accept_uni().await {
         tokio::spawn(read_pushes(
             FrameReader::new(recv, inner.max_frame),
             inner.clone(),
@@ -556,33 +577,13 @@ async fn read_pushes(mut reader: FrameReader, inner: Arc<Inner>) {
     }
 }
 
-/// Syncs from `start`, then keeps acknowledging what arrives and fills gaps that stay open.
-pub(crate) async fn keep_in_sync(inner: Arc<Inner>, start: u64) {
-    if inner.sync(start, true).await.is_err() {
-        return;
-    }
-    let mut tick = tokio::time::interval(ACK_INTERVAL);
-    loop {
-        tick.tick().await;
-        if inner.flush_ack().await.is_err() {
-            return;
-        }
-        let gap = lock(&inner.inbox).stale_gap(GAP_PATIENCE);
-        if let Some(cursor) = gap
-            && inner.sync(cursor, true).await.is_err()
-        {
-            return;
-        }
-    }
-}
-
 /// Finishes conversation streams that have been idle for `idle`, so a client active in many
 /// conversations over time stays within the server's stream limit.
-pub(crate) async fn reap_idle_streams(inner: Arc<Inner>, idle: Duration) {
+pub(crate) async fn reap_idle_streams(link: Arc<Link>, idle: Duration) {
     let mut tick = tokio::time::interval((idle / 2).max(Duration::from_millis(10)));
     loop {
         tick.tick().await;
-        let mut streams = inner.conversations.lock().await;
+        let mut streams = link.conversations.lock().await;
         streams.retain(|_, stream| {
             let busy =
                 !lock(&stream.pending).is_empty() || lock(&stream.last_used).elapsed() < idle;

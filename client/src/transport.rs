@@ -37,6 +37,17 @@ pub struct TransportSettings {
     pub idle_timeout: Duration,
     /// How long to wait for the handshake and Welcome.
     pub connect_timeout: Duration,
+    /// How long a call made while reconnecting waits for the connection to come back.
+    pub reconnect_wait: Duration,
+    /// First reconnect delay; each failed attempt doubles it up to `backoff_max`, and the
+    /// actual delay is uniform in [0, that] ("full jitter"), so that a server restart does not
+    /// bring every phone back in the same instant.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Heartbeat datagram interval in the foreground (none in the background). It carries the
+    /// RTT and, at 25 s, also serves as the keep-alive: QUIC's own keep-alive then never fires
+    /// in the foreground, so the radio wakes once per 25 s, not twice.
+    pub heartbeat_interval: Duration,
     /// A conversation stream unused for this long is finished (the next send opens a new
     /// one). 30 s keeps a chat's stream open across a conversation's pauses while freeing
     /// the server's per-connection stream budget (64 by default) for other conversations.
@@ -49,6 +60,10 @@ impl Default for TransportSettings {
             keep_alive: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            reconnect_wait: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(25),
             conversation_idle: Duration::from_secs(30),
         }
     }
@@ -95,6 +110,9 @@ pub(crate) fn client_config(
         .with_root_certificates(root_store(trust)?)
         .with_no_client_auth();
     tls.alpn_protocols = vec![tern_protocol::ALPN.to_vec()];
+    // Resumption tickets (kept in memory by rustls) allow 0-RTT on reconnect; the client only
+    // sends its Hello and sync request early, both safe to replay.
+    tls.enable_early_data = true;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = TransportConfig::default();
@@ -131,6 +149,18 @@ pub(crate) async fn resolve(
         }
     };
     Ok((addr, name))
+}
+
+/// A client endpoint for `remote`'s address family, with tern's client configuration.
+pub(crate) fn endpoint(
+    remote: SocketAddr,
+    trust: &Trust,
+    settings: &TransportSettings,
+) -> Result<quinn::Endpoint, ClientError> {
+    let mut endpoint = quinn::Endpoint::client(local_bind_addr(remote))
+        .map_err(|e| ClientError::Config(format!("bind UDP socket: {e}")))?;
+    endpoint.set_default_client_config(client_config(trust, settings)?);
+    Ok(endpoint)
 }
 
 /// The unspecified local address of the remote's family.

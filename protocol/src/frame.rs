@@ -14,7 +14,7 @@ use crate::ErrorCode;
 const MAX_VARINT_BYTES: usize = 10;
 
 /// Why a frame or datagram could not be decoded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
     /// The length prefix announces more than the receiver accepts.
@@ -43,7 +43,7 @@ impl FrameError {
 }
 
 /// Why a frame could not be encoded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum EncodeError {
     /// The encoded message exceeds the cap the peer enforces.

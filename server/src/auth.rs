@@ -174,12 +174,15 @@ impl Authenticator {
 /// the secret in the file. The secret is written completely to a private temporary file, then
 /// hard-linked into place: linking fails if `path` exists, so two processes starting at once
 /// (a server and `tern-server token`) agree on one secret and never read a partial file.
-fn generate_secret_file(dir: &Path, path: &Path) -> std::io::Result<String> {
+pub(crate) fn generate_secret_file(dir: &Path, path: &Path) -> std::io::Result<String> {
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let name = path
+        .file_name()
+        .map_or_else(|| SECRET_FILE.into(), |n| n.to_string_lossy());
     let tmp = dir.join(format!(
-        "{SECRET_FILE}.{}.{}.tmp",
+        "{name}.{}.{}.tmp",
         std::process::id(),
         &secret[..8]
     ));
@@ -200,6 +203,19 @@ fn generate_secret_file(dir: &Path, path: &Path) -> std::io::Result<String> {
         Ok(()) => Ok(secret),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             Ok(std::fs::read_to_string(path)?.trim().to_owned())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The secret in `dir/name`, generated on first use (64 hex characters).
+pub fn load_or_create_secret(dir: &Path, name: &str) -> std::io::Result<String> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            generate_secret_file(dir, &path)
         }
         Err(e) => Err(e),
     }

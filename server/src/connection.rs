@@ -1,10 +1,12 @@
 //! One client connection: handshake, authentication on the control stream, then its streams.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
-use tern_protocol::pb::{self, ClientFrame, ServerFrame, client_frame, server_frame};
+use tern_protocol::pb::{
+    self, ClientFrame, PresenceStatus, ServerFrame, client_frame, server_frame,
+};
 use tern_protocol::{ErrorCode, PROTOCOL_VERSION};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -128,6 +130,12 @@ async fn authenticate(
         device: identity.device.into(),
         conn: conn.clone(),
         push: PushState::new(inbox_head),
+        presence: AtomicI32::new(if hello.background {
+            PresenceStatus::Away
+        } else {
+            PresenceStatus::Online
+        } as i32),
+        background: AtomicBool::new(hello.background),
     });
     Ok((session, (send, reader)))
 }
@@ -190,6 +198,18 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
     };
     let result = match write_frame(&mut send, &welcome, max).await {
         Ok(()) => {
+            // Contacts learn that this user is online; this user learns who is.
+            crate::datagrams::refresh_presence(&state, &session.user);
+            let snapshot = ServerFrame {
+                body: Some(server_frame::Body::PresenceSnapshot(
+                    crate::datagrams::snapshot(&state, &session.user),
+                )),
+            };
+            let _ = write_frame(&mut send, &snapshot, max).await;
+            let datagrams = tokio::spawn(crate::datagrams::datagram_loop(
+                state.clone(),
+                session.clone(),
+            ));
             let streams = tokio::spawn(crate::streams::accept_streams(
                 state.clone(),
                 session.clone(),
@@ -198,6 +218,7 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
             let result = control_loop(&state, &session, &mut send, &mut reader).await;
             streams.abort();
             pusher.abort();
+            datagrams.abort();
             result
         }
         Err(e) => Err(e.into()),
@@ -213,6 +234,7 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
     state
         .registry
         .unregister(&session.user, &session.device, session.id);
+    crate::datagrams::refresh_presence(&state, &session.user);
     session.conn.close(varint(ErrorCode::Ok), b"");
 }
 
@@ -245,6 +267,18 @@ async fn control_loop(
                     })),
                 };
                 write_frame(send, &pong, max).await?;
+            }
+            Some(client_frame::Body::ClientState(client)) => {
+                session
+                    .background
+                    .store(client.background, Ordering::Relaxed);
+                let status = if client.background {
+                    PresenceStatus::Away
+                } else {
+                    PresenceStatus::Online
+                };
+                session.set_presence(status);
+                crate::datagrams::refresh_presence(state, &session.user);
             }
             Some(client_frame::Body::AckInbox(ack)) => {
                 state

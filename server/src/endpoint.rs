@@ -12,6 +12,9 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 
+/// File, inside the data directory, holding the stateless-reset key.
+pub const RESET_KEY_FILE: &str = "reset.key";
+
 /// Why the endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -89,8 +92,14 @@ pub fn server_config(
     // A client offering any other protocol (or none) fails the handshake with
     // no_application_protocol, before any tern code runs.
     tls.alpn_protocols = vec![tern_protocol::ALPN.to_vec()];
-    // Session tickets let a reconnecting phone resume without a full handshake.
+    // Session tickets let a reconnecting phone resume without a full handshake, and send its
+    // (idempotent) Hello and sync request as 0-RTT data. QUIC requires exactly u32::MAX here.
+    // rustls allows early data only with stateful resumption, so the server keeps sessions in
+    // memory: per process (a restarted server, or another node, makes clients do a full
+    // handshake). 20,000 entries of a few hundred bytes each cover this node's connections.
     tls.send_tls13_tickets = 2;
+    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(20_000);
+    tls.max_early_data_size = u32::MAX;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport_config(config)?));
@@ -151,14 +160,29 @@ pub fn bind(config: &Config) -> Result<quinn::Endpoint, EndpointError> {
     let socket = bind_socket(config.listen, config.udp_buffer_bytes)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| EndpointError::Quic("no async runtime found".into()))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket,
-        runtime,
-    )
-    .map_err(|source| EndpointError::Socket {
-        addr: config.listen,
-        source,
+    // The stateless-reset key persists across restarts (RFC 9000, 10.3): a restarted server
+    // can then reset the connections of the process before it, and phones reconnect at once
+    // instead of waiting out their idle timeout.
+    let reset_key =
+        crate::auth::load_or_create_secret(&config.data_dir, RESET_KEY_FILE).map_err(|source| {
+            EndpointError::ReadPem {
+                path: config.data_dir.join(RESET_KEY_FILE),
+                source,
+            }
+        })?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key.as_bytes());
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection IDs carry a check derived from a key; with quinn's per-process random key a
+    // restarted server drops the old connections' packets as invalid instead of resetting
+    // them. Derive it from the persistent reset key.
+    let cid_key = u64::from_str_radix(reset_key.get(..16).unwrap_or("0"), 16).unwrap_or(0);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime).map_err(|source| {
+        EndpointError::Socket {
+            addr: config.listen,
+            source,
+        }
     })
 }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod datagrams;
 pub mod delivery;
 pub mod endpoint;
 pub mod framed;
@@ -38,6 +39,8 @@ pub struct ServerState {
     pub auth: auth::Authenticator,
     pub registry: Arc<registry::Registry>,
     pub store: Arc<store::Store>,
+    pub presence: datagrams::PresenceBook,
+    pub datagram_stats: datagrams::DatagramStats,
     pub(crate) next_session_id: AtomicU64,
 }
 
@@ -77,6 +80,8 @@ impl ServerState {
             auth,
             registry,
             store,
+            presence: datagrams::PresenceBook::default(),
+            datagram_stats: datagrams::DatagramStats::default(),
             next_session_id: AtomicU64::new(1),
         }))
     }

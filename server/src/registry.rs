@@ -5,6 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use tern_protocol::pb::PresenceStatus;
 
 use dashmap::DashMap;
 
@@ -18,9 +21,26 @@ pub struct Session {
     pub conn: quinn::Connection,
     /// Where delivery records this user's inbox growth for this session's pusher.
     pub push: crate::delivery::PushState,
+    /// This device's presence (`PresenceStatus` as i32).
+    pub presence: AtomicI32,
+    /// In the background: no presence or typing datagrams for it.
+    pub background: AtomicBool,
 }
 
 impl Session {
+    pub fn presence(&self) -> PresenceStatus {
+        PresenceStatus::try_from(self.presence.load(Ordering::Relaxed))
+            .unwrap_or(PresenceStatus::Offline)
+    }
+
+    pub fn set_presence(&self, status: PresenceStatus) {
+        self.presence.store(status as i32, Ordering::Relaxed);
+    }
+
+    pub fn is_background(&self) -> bool {
+        self.background.load(Ordering::Relaxed)
+    }
+
     /// The user's inbox head as this session last heard it.
     pub fn push_head(&self) -> u64 {
         self.push.head()

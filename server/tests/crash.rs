@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tern_client::{Client, ClientConfig, Event, SendTarget, Trust};
+use tern_client::{Client, ClientConfig, ConnectionState, Event, SendTarget, Trust};
 
 struct Server(Child);
 
@@ -25,10 +25,16 @@ fn start(dir: &Path, port: u16) -> Server {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--data-dir", &dir.join("data").to_string_lossy()])
             .args(["--certs-dir", &dir.join("certs").to_string_lossy()])
-            .stderr(Stdio::null())
+            // Logs (RUST_LOG) go next to the data, one file per start.
+            .stderr(log_file(dir))
             .spawn()
             .unwrap(),
     )
+}
+
+fn log_file(dir: &Path) -> Stdio {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    std::fs::File::create(dir.join(format!("server-{n}.log"))).map_or(Stdio::null(), Stdio::from)
 }
 
 fn token(dir: &Path, user: &str) -> String {
@@ -51,12 +57,25 @@ async fn connect(
     port: u16,
     user: &str,
 ) -> (Client, tokio::sync::mpsc::Receiver<Event>) {
+    connect_with(dir, port, user, false).await
+}
+
+async fn connect_with(
+    dir: &Path,
+    port: u16,
+    user: &str,
+    reconnect: bool,
+) -> (Client, tokio::sync::mpsc::Receiver<Event>) {
     let mut config = ClientConfig::new(
         format!("127.0.0.1:{port}"),
         token(dir, user),
         Trust::CaFile(dir.join("certs/ca.pem")),
     );
     config.server_name = Some("localhost".into());
+    // In the crash test senders must stop when the server dies, not wait for it to return.
+    config.auto_reconnect = reconnect;
+    config.transport.backoff_base = Duration::from_millis(100);
+    config.transport.backoff_max = Duration::from_secs(1);
     // The server may still be starting: retry for a while.
     for _ in 0..100 {
         if let Ok(connected) = Client::connect(config.clone()).await {
@@ -110,7 +129,10 @@ async fn acknowledged_messages_survive_sigkill() {
     let acked_at_kill = acked.lock().unwrap().len();
     server.0.wait().unwrap();
     // The client would only notice the dead server at its idle timeout; stop it now.
-    alice.connection().close(0u32.into(), b"server killed");
+    alice
+        .connection()
+        .unwrap()
+        .close(0u32.into(), b"server killed");
     for sender in senders {
         let _ = sender.await;
     }
@@ -150,4 +172,95 @@ async fn acknowledged_messages_survive_sigkill() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn clients_reconnect_by_themselves_after_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = start(dir.path(), port);
+    let (alice, mut alice_events) = connect_with(dir.path(), port, "alice", true).await;
+    let (bob, mut bob_events) = connect_with(dir.path(), port, "bob", true).await;
+    let alice = Arc::new(alice);
+    for i in 0..50 {
+        alice
+            .send(SendTarget::User("bob".into()), &format!("{i}"), None)
+            .await
+            .unwrap();
+    }
+
+    // Killed mid-conversation; Alice keeps sending while it is down.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            for i in 50..100 {
+                alice
+                    .send(SendTarget::User("bob".into()), &format!("{i}"), None)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _server = start(dir.path(), port);
+    sender.await.unwrap();
+
+    // Bob gets all 100, in order, once: the first 50 live, the rest after reconnecting.
+    let mut texts = Vec::new();
+    while texts.len() < 100 {
+        let event = tokio::time::timeout(Duration::from_secs(30), bob_events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Event::Message { message, .. } = event {
+            texts.push((message.seq, message.text));
+        }
+    }
+    let expected: Vec<(u64, String)> = (0..100).map(|i| (i + 1, i.to_string())).collect();
+    assert_eq!(texts, expected);
+    let extra = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Some(Event::Message { message, .. }) = bob_events.recv().await {
+                return message;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
+
+    // Nobody did anything: the clients reconnected by themselves and said so.
+    assert!(alice.stats().reconnects >= 1 && bob.stats().reconnects >= 1);
+    let mut states = Vec::new();
+    while let Ok(event) = alice_events.try_recv() {
+        if let Event::Connection(state) = event {
+            states.push(state);
+        }
+    }
+    if std::env::var_os("TERN_SHOW_SERVER_LOGS").is_some() {
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") {
+                eprintln!(
+                    "== {}\n{}",
+                    path.display(),
+                    std::fs::read_to_string(&path).unwrap()
+                );
+            }
+        }
+    }
+    assert!(
+        states
+            .iter()
+            .any(|s| matches!(s, ConnectionState::Reconnecting { .. }))
+    );
+    assert!(
+        matches!(states.last(), Some(ConnectionState::Connected)),
+        "{states:?}"
+    );
 }

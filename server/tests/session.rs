@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, next_event};
+use common::{TestServer, next_loss};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use tern_client::{Client, ClientError, Event};
+use tern_client::{Client, ClientError, ConnectionState};
 use tern_protocol::ErrorCode;
 use tern_protocol::pb::{self, ClientFrame, client_frame};
 
@@ -247,9 +247,11 @@ async fn garbage_after_auth_closes_that_session_only() {
     let mut prefix = Vec::new();
     tern_protocol::frame::put_varint(10 << 20, &mut prefix);
     client.write_control_raw(&prefix).await.unwrap();
-    match next_event(&mut events, 10).await {
-        Event::Disconnected { code, .. } => assert_eq!(code, Some(ErrorCode::FrameTooLarge)),
-        other => panic!("unexpected event {other:?}"),
+    match next_loss(&mut events, 10).await {
+        ConnectionState::Disconnected { code, .. } => {
+            assert_eq!(code, Some(ErrorCode::FrameTooLarge))
+        }
+        other => panic!("unexpected state {other:?}"),
     }
     bystander.ping().await.expect("bystander still served");
     // The broken session is gone from the registry.
@@ -263,9 +265,12 @@ async fn second_connection_of_a_device_replaces_the_first() {
     let server = TestServer::start().await;
     let (first, mut first_events) = server.connect("alice", "phone").await;
     let (second, _events) = server.connect("alice", "phone").await;
-    match next_event(&mut first_events, 10).await {
-        Event::Disconnected { code, .. } => assert_eq!(code, Some(ErrorCode::SessionReplaced)),
-        other => panic!("unexpected event {other:?}"),
+    // Final: the replaced device does not fight back by reconnecting.
+    match next_loss(&mut first_events, 10).await {
+        ConnectionState::Disconnected { code, .. } => {
+            assert_eq!(code, Some(ErrorCode::SessionReplaced))
+        }
+        other => panic!("unexpected state {other:?}"),
     }
     assert!(first.ping().await.is_err());
     second.ping().await.unwrap();
@@ -307,8 +312,11 @@ async fn shutdown_closes_sessions_with_server_shutdown() {
     let server = TestServer::start().await;
     let (_client, mut events) = server.connect("alice", "phone").await;
     server.stop().await;
-    match next_event(&mut events, 10).await {
-        Event::Disconnected { code, .. } => assert_eq!(code, Some(ErrorCode::ServerShutdown)),
-        other => panic!("unexpected event {other:?}"),
+    // Not final: a server that shuts down comes back, so the client reconnects.
+    match next_loss(&mut events, 10).await {
+        ConnectionState::Reconnecting { code, .. } => {
+            assert_eq!(code, Some(ErrorCode::ServerShutdown))
+        }
+        other => panic!("unexpected state {other:?}"),
     }
 }

@@ -94,3 +94,24 @@ pub async fn next_event(events: &mut mpsc::Receiver<Event>, secs: u64) -> Event 
         .expect("timed out waiting for an event")
         .expect("event channel closed")
 }
+
+/// The next "reconnecting" or "disconnected" state, skipping other events.
+pub async fn next_loss(
+    events: &mut mpsc::Receiver<Event>,
+    secs: u64,
+) -> tern_client::ConnectionState {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("timed out waiting for a connection state")
+            .expect("event channel closed");
+        if let Event::Connection(
+            state @ (tern_client::ConnectionState::Reconnecting { .. }
+            | tern_client::ConnectionState::Disconnected { .. }),
+        ) = event
+        {
+            return state;
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Datagrams: presence, typing and heartbeats. Best effort: nothing here is stored, and
+//! nothing relies on a datagram arriving.
+//!
+//! Presence is per user: online if any device is online, away if any is away, offline when
+//! none is connected (a device that falls silent is dropped at the QUIC idle timeout). Changes
+//! fan out to every user who shares a conversation with the user, except devices in the
+//! background, for which a presence or typing update is not worth a radio wake-up.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use prost::Message as _;
+use tern_protocol::pb::{self, PresenceStatus, datagram};
+use tracing::debug;
+
+use crate::ServerState;
+use crate::auth::unix_now_ms;
+use crate::registry::Session;
+
+/// Datagrams a connection may send per second on average, and in a burst. Presence and typing
+/// need a few per minute; heartbeats one per 25 s. Above this a client is misbehaving.
+const RATE_PER_SEC: f64 = 20.0;
+const RATE_BURST: f64 = 40.0;
+/// Typing indicators last at most this long unless renewed; a client asking for longer is
+/// clamped, one asking for nothing gets the default.
+const TYPING_MAX_MS: u32 = 10_000;
+const TYPING_DEFAULT_MS: u32 = 5_000;
+
+/// Datagram counters, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct DatagramStats {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub dropped_rate_limited: AtomicU64,
+    pub dropped_too_large: AtomicU64,
+    pub dropped_malformed: AtomicU64,
+    pub dropped_send_failed: AtomicU64,
+}
+
+/// The last known presence of each user seen since the server started.
+#[derive(Debug, Default)]
+pub struct PresenceBook {
+    users: DashMap<Arc<str>, pb::Presence>,
+}
+
+impl PresenceBook {
+    pub fn get(&self, user: &str) -> pb::Presence {
+        self.users
+            .get(user)
+            .map(|p| p.clone())
+            .unwrap_or_else(|| pb::Presence {
+                user_id: user.to_owned(),
+                status: PresenceStatus::Offline as i32,
+                last_seen_ms: 0,
+            })
+    }
+
+    /// Records `status`; returns the new presence if it changed.
+    fn set(&self, user: &Arc<str>, status: PresenceStatus) -> Option<pb::Presence> {
+        let presence = pb::Presence {
+            user_id: user.to_string(),
+            status: status as i32,
+            last_seen_ms: unix_now_ms(),
+        };
+        let old = self.users.insert(user.clone(), presence.clone());
+        (old.map(|o| o.status) != Some(status as i32)).then_some(presence)
+    }
+}
+
+/// Users who share a conversation with `user`.
+pub fn contacts(state: &ServerState, user: &str) -> BTreeSet<String> {
+    let mut contacts = BTreeSet::new();
+    for conversation in state.store.conversations_of(user).unwrap_or_default() {
+        if let Ok(conv) = state.store.conversation(&conversation) {
+            contacts.extend(
+                conv.members
+                    .into_iter()
+                    .map(|m| m.user_id)
+                    .filter(|m| m != user),
+            );
+        }
+    }
+    contacts
+}
+
+/// Recomputes `user`'s presence from their sessions and fans out a change.
+pub fn refresh_presence(state: &ServerState, user: &Arc<str>) {
+    let sessions = state.registry.sessions_of(user);
+    let status = sessions
+        .iter()
+        .map(|s| s.presence())
+        .max_by_key(|s| match s {
+            PresenceStatus::Online => 2,
+            PresenceStatus::Away => 1,
+            _ => 0,
+        })
+        .unwrap_or(PresenceStatus::Offline);
+    if let Some(presence) = state.presence.set(user, status) {
+        let datagram = pb::Datagram {
+            body: Some(datagram::Body::Presence(presence)),
+        };
+        for contact in contacts(state, user) {
+            for session in state.registry.sessions_of(&contact) {
+                if !session.is_background() {
+                    send(state, &session.conn, &datagram);
+                }
+            }
+        }
+    }
+}
+
+/// The presence of `user`'s contacts, for the snapshot after Welcome.
+pub fn snapshot(state: &ServerState, user: &str) -> pb::PresenceSnapshot {
+    pb::PresenceSnapshot {
+        contacts: contacts(state, user)
+            .iter()
+            .map(|c| state.presence.get(c))
+            .collect(),
+    }
+}
+
+/// Sends one datagram if it fits the path; counts what happens.
+pub fn send(state: &ServerState, conn: &quinn::Connection, datagram: &pb::Datagram) -> bool {
+    let stats = &state.datagram_stats;
+    let Ok(bytes) = tern_protocol::encode_datagram(datagram) else {
+        stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+        return false;
+    };
+    // The path's current maximum (it shrinks when a phone moves to a path with a smaller MTU).
+    if conn.max_datagram_size().is_none_or(|max| bytes.len() > max) {
+        stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    match conn.send_datagram(bytes) {
+        Ok(()) => {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(_) => {
+            stats.dropped_send_failed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// Token bucket over datagrams of one connection.
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * RATE_PER_SEC)
+            .min(RATE_BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Reads the session's datagrams until the connection closes.
+pub async fn datagram_loop(state: Arc<ServerState>, session: Arc<Session>) {
+    let stats = &state.datagram_stats;
+    let mut limit = RateLimit {
+        tokens: RATE_BURST,
+        last: Instant::now(),
+    };
+    while let Ok(bytes) = session.conn.read_datagram().await {
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        if !limit.allow() {
+            stats.dropped_rate_limited.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Ok(datagram) = pb::Datagram::decode(bytes) else {
+            stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        match datagram.body {
+            Some(datagram::Body::Presence(p)) => match PresenceStatus::try_from(p.status) {
+                Ok(status @ (PresenceStatus::Online | PresenceStatus::Away)) => {
+                    session.set_presence(status);
+                    refresh_presence(&state, &session.user);
+                }
+                _ => {
+                    stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Some(datagram::Body::Typing(t)) => typing(&state, &session, t),
+            Some(datagram::Body::Heartbeat(h)) if !h.reply => {
+                let reply = pb::Heartbeat {
+                    nonce: h.nonce,
+                    sent_at_us: h.sent_at_us,
+                    rtt_us: session.conn.rtt().as_micros() as u64,
+                    reply: true,
+                };
+                send(
+                    &state,
+                    &session.conn,
+                    &pb::Datagram {
+                        body: Some(datagram::Body::Heartbeat(reply)),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    debug!("datagram loop ended");
+}
+
+fn typing(state: &ServerState, session: &Session, typing: pb::Typing) {
+    // Only members type in a conversation; anything else is dropped silently (best effort).
+    if !matches!(
+        state.store.role(&typing.conversation_id, &session.user),
+        Ok(Some(_))
+    ) {
+        state
+            .datagram_stats
+            .dropped_malformed
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let Ok(conv) = state.store.conversation(&typing.conversation_id) else {
+        return;
+    };
+    let expires_in_ms = match typing.expires_in_ms {
+        0 => TYPING_DEFAULT_MS,
+        ms => ms.min(TYPING_MAX_MS),
+    };
+    let datagram = pb::Datagram {
+        body: Some(datagram::Body::Typing(pb::Typing {
+            conversation_id: typing.conversation_id,
+            user_id: session.user.to_string(),
+            expires_in_ms,
+        })),
+    };
+    for member in conv.members.iter().filter(|m| *m.user_id != *session.user) {
+        for other in state.registry.sessions_of(&member.user_id) {
+            if !other.is_background() {
+                send(state, &other.conn, &datagram);
+            }
+        }
+    }
+}

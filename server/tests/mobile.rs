@@ -1,0 +1,376 @@
+//! Mobile transport over real QUIC on loopback: presence and typing datagrams, connection
+//! migration, 0-RTT resumption, and delivery through a lossy relay.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use tern_client::tern_protocol::pb::{self, PresenceStatus};
+use tern_client::{Client, ClientConfig, Event, SendTarget};
+use tern_netsim::{Impairment, Relay, RelayConfig};
+use tokio::sync::mpsc::Receiver;
+
+async fn wait_for<T>(
+    events: &mut Receiver<Event>,
+    secs: u64,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("timed out waiting for an event")
+            .expect("event channel closed");
+        if let Some(value) = pick(event) {
+            return value;
+        }
+    }
+}
+
+fn presence_of(
+    user: &'static str,
+    status: PresenceStatus,
+) -> impl FnMut(Event) -> Option<pb::Presence> {
+    move |e| match e {
+        Event::Presence(p) if p.user_id == user && p.status == status as i32 => Some(p),
+        _ => None,
+    }
+}
+
+/// Collects `n` messages, returning (conversation, seq, text) in arrival order.
+async fn collect(events: &mut Receiver<Event>, n: usize, secs: u64) -> Vec<(String, u64, String)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = wait_for(events, secs, |e| match e {
+            Event::Message { message, .. } => Some(message),
+            _ => None,
+        })
+        .await;
+        out.push((m.conversation_id, m.seq, m.text));
+    }
+    out
+}
+
+/// Each conversation's messages arrive exactly once, in order, with no gap.
+fn assert_once_in_order(received: &[(String, u64, String)]) {
+    let mut last: std::collections::HashMap<&str, u64> = Default::default();
+    for (conv, seq, _) in received {
+        let prev = last.insert(conv, *seq).unwrap_or(0);
+        assert_eq!(
+            *seq,
+            prev + 1,
+            "{conv}: expected seq {} after {prev}, got {seq}",
+            prev + 1
+        );
+    }
+}
+
+fn via_relay(server: &TestServer, relay: &Relay, user: &str, device: &str) -> ClientConfig {
+    let mut config = server.config(&server.token(user, device));
+    config.server = relay.local_addr().to_string();
+    config
+}
+
+#[tokio::test]
+async fn presence_goes_online_then_offline_as_datagrams() {
+    let server = TestServer::start_with(|c| c.idle_timeout_secs = 2).await;
+    // A shared conversation makes them contacts.
+    let (alice, _a) = server.connect("alice", "phone").await;
+    alice
+        .send(SendTarget::User("bob".into()), "hi", None)
+        .await
+        .unwrap();
+    alice.close().await;
+
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    // The snapshot on connect says alice is offline now.
+    wait_for(
+        &mut bob_events,
+        10,
+        presence_of("alice", PresenceStatus::Offline),
+    )
+    .await;
+    let before = bob.stats().datagrams_received;
+
+    let relay = Relay::start(RelayConfig::new(server.addr)).await.unwrap();
+    let mut config = via_relay(&server, &relay, "alice", "phone");
+    // Keep the connection alive well inside the server's 2 s idle timeout.
+    config.transport.keep_alive = Duration::from_millis(300);
+    let (alice, _a) = Client::connect(config).await.unwrap();
+    wait_for(
+        &mut bob_events,
+        10,
+        presence_of("alice", PresenceStatus::Online),
+    )
+    .await;
+    assert!(
+        bob.stats().datagrams_received > before,
+        "presence arrived as a datagram"
+    );
+    assert!(server.state.datagram_stats.sent.load(Ordering::Relaxed) > 0);
+
+    alice.set_presence(PresenceStatus::Away).await.unwrap();
+    wait_for(
+        &mut bob_events,
+        10,
+        presence_of("alice", PresenceStatus::Away),
+    )
+    .await;
+    assert!(alice.stats().datagrams_sent >= 1);
+    assert!(server.state.datagram_stats.received.load(Ordering::Relaxed) >= 1);
+
+    // The phone falls silent (no packets either way): offline within the idle timeout.
+    relay.set_blackhole(true);
+    let silent_at = Instant::now();
+    wait_for(
+        &mut bob_events,
+        10,
+        presence_of("alice", PresenceStatus::Offline),
+    )
+    .await;
+    let took = silent_at.elapsed();
+    assert!(
+        took <= Duration::from_secs(2) + Duration::from_millis(1500),
+        "offline after {took:?}"
+    );
+    drop(alice);
+
+    // A clean disconnect is seen at once.
+    let (alice, _a) = server.connect("alice", "tablet").await;
+    wait_for(
+        &mut bob_events,
+        10,
+        presence_of("alice", PresenceStatus::Online),
+    )
+    .await;
+    alice.close().await;
+    wait_for(
+        &mut bob_events,
+        5,
+        presence_of("alice", PresenceStatus::Offline),
+    )
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn typing_arrives_and_is_never_stored() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let sent = alice
+        .send(SendTarget::User("bob".into()), "hi", None)
+        .await
+        .unwrap();
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    let head_before = server.state.store.inbox_head("bob").unwrap();
+    // Datagrams are best effort; on loopback the first one arrives, but retry a little anyway.
+    let typing = async {
+        loop {
+            alice.typing(&sent.conversation_id).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let seen = tokio::select! {
+        seen = wait_for(&mut bob_events, 10, |e| match e {
+            Event::Typing(t) => Some(t),
+            _ => None,
+        }) => seen,
+        () = typing => unreachable!(),
+    };
+    assert_eq!(
+        (seen.user_id.as_str(), seen.conversation_id.as_str()),
+        ("alice", sent.conversation_id.as_str())
+    );
+    assert!(seen.expires_in_ms > 0 && seen.expires_in_ms <= 10_000);
+    // Not stored, not synced.
+    assert_eq!(server.state.store.inbox_head("bob").unwrap(), head_before);
+    let synced = bob.sync(0).await.unwrap();
+    assert!(
+        synced
+            .entries
+            .iter()
+            .all(|e| matches!(e.body, Some(pb::inbox_entry::Body::Message(_))))
+    );
+    assert_eq!(synced.entries.len(), 1);
+    // A non-member's typing goes nowhere.
+    let (eve, _e) = server.connect("eve", "phone").await;
+    let dropped_before = server
+        .state
+        .datagram_stats
+        .dropped_malformed
+        .load(Ordering::Relaxed);
+    eve.typing(&sent.conversation_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        server
+            .state
+            .datagram_stats
+            .dropped_malformed
+            .load(Ordering::Relaxed)
+            > dropped_before
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn migration_mid_burst_keeps_the_connection_and_every_message() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = server.connect("alice", "phone").await;
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    let alice = Arc::new(alice);
+    let bob = Arc::new(bob);
+    let alice_conn = alice.connection().unwrap();
+    let stable_id = alice_conn.stable_id();
+    let old_addr = server.state.registry.sessions_of("alice")[0]
+        .conn
+        .remote_address();
+
+    let burst = |from: Arc<Client>, to: &'static str| {
+        tokio::spawn(async move {
+            for i in 0..1000 {
+                from.send(SendTarget::User(to.into()), &format!("{i}"), None)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let a = burst(alice.clone(), "bob");
+    let b = burst(bob.clone(), "alice");
+    // Move alice to a new UDP port in the middle of the burst.
+    while server.state.store.conversation_head("d:alice:bob").unwrap() < 600 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    alice.network_changed().unwrap();
+    let to_bob = collect(&mut bob_events, 1000, 30).await;
+    let to_alice = collect(&mut alice_events, 1000, 30).await;
+    a.await.unwrap();
+    b.await.unwrap();
+
+    // One conversation, both directions: 2,000 messages, each exactly once, in order.
+    let mut all: Vec<u64> = to_bob
+        .iter()
+        .chain(to_alice.iter())
+        .map(|(_, seq, _)| *seq)
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=2000).collect::<Vec<_>>());
+    for pair in to_bob.windows(2).chain(to_alice.windows(2)) {
+        assert!(
+            pair[0].1 < pair[1].1,
+            "out of order: {} then {}",
+            pair[0].1,
+            pair[1].1
+        );
+    }
+    // Same connection: no new handshake, same stable id; the server saw the new address.
+    let conn = alice.connection().unwrap();
+    assert_eq!(conn.stable_id(), stable_id);
+    assert_eq!(alice.stats().reconnects, 0);
+    let new_addr = server.state.registry.sessions_of("alice")[0]
+        .conn
+        .remote_address();
+    assert_ne!(new_addr, old_addr, "the server sees the new path");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_to_the_same_server_resumes_with_0rtt() {
+    let server = TestServer::start().await;
+    let (alice, mut events) = server.connect("alice", "phone").await;
+    let first_stable = alice.connection().unwrap().stable_id();
+    // Drop the connection under the client, as a lost network would.
+    alice
+        .connection()
+        .unwrap()
+        .close(0u32.into(), b"simulated loss");
+    wait_for(&mut events, 10, |e| {
+        matches!(
+            e,
+            Event::Connection(tern_client::ConnectionState::Connected)
+        )
+        .then_some(())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alice.stats().zero_rtt_accepted == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "0-RTT was not accepted on reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(alice.stats().reconnects, 1);
+    assert_ne!(alice.connection().unwrap().stable_id(), first_stable);
+    // The resumed session works.
+    let sent = alice
+        .send(SendTarget::User("bob".into()), "after resume", None)
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn five_percent_loss_each_way_loses_nothing_and_presence_recovers() {
+    let server = TestServer::start().await;
+    let mut config = RelayConfig::new(server.addr);
+    config.to_server = Impairment::lossy(0.05);
+    config.to_client = Impairment::lossy(0.05);
+    config.seed = Some(7);
+    let relay = Relay::start(config).await.unwrap();
+    let (alice, _a) = Client::connect(via_relay(&server, &relay, "alice", "phone"))
+        .await
+        .unwrap();
+    let (bob, mut bob_events) = Client::connect(via_relay(&server, &relay, "bob", "phone"))
+        .await
+        .unwrap();
+    let alice = Arc::new(alice);
+    let group = alice
+        .create_group("g", &["bob".into()])
+        .await
+        .unwrap()
+        .conversation_id;
+
+    let mut senders = Vec::new();
+    for target in [
+        SendTarget::User("bob".into()),
+        SendTarget::Conversation(group.clone()),
+    ] {
+        let alice = alice.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..200 {
+                alice
+                    .send(target.clone(), &format!("{i}"), None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let received = collect(&mut bob_events, 400, 60).await;
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    assert_once_in_order(&received);
+    assert!(
+        relay.stats().to_client_dropped > 0 && relay.stats().to_server_dropped > 0,
+        "the relay did drop packets"
+    );
+
+    // Presence is best effort; a client republishes until it is seen.
+    let presence = async {
+        loop {
+            alice.set_presence(PresenceStatus::Away).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for(&mut bob_events, 20, presence_of("alice", PresenceStatus::Away)) => {}
+        () = presence => unreachable!(),
+    }
+    drop(bob);
+    server.stop().await;
+}
