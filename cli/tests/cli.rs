@@ -290,3 +290,84 @@ fn messaging_commands_against_the_real_server() {
     let error: serde_json::Value = serde_json::from_slice(&refused.stderr).unwrap();
     assert_eq!(error["code"], "FORBIDDEN");
 }
+
+#[test]
+fn presence_and_typing_show_up_in_listen() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (
+        token(dir.path(), "alice", &[]),
+        token(dir.path(), "bob", &[]),
+    );
+    let port = free_udp_port();
+    let _server = ServerProcess(
+        Command::new(server_bin())
+            .args(["--listen", &format!("[::]:{port}")])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !whoami(dir.path(), port, &alice).status.success() {
+        assert!(Instant::now() < deadline, "server did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A conversation makes them contacts.
+    json_lines(&chat(
+        dir.path(),
+        port,
+        &alice,
+        &["send", "--to", "bob", "hi"],
+    ));
+
+    let mut listener = Command::new(chat_bin())
+        .args(["listen", "--timeout", "8"])
+        .env("TERN_SERVER", format!("localhost:{port}"))
+        .env("TERN_TOKEN", &bob)
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = listener.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(serde_json::from_str(&line.unwrap()).unwrap());
+        }
+    });
+    // Act once Bob is connected.
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("listen did not connect");
+        if line["type"] == "connection" && line["state"] == "connected" {
+            break;
+        }
+    }
+    json_lines(&chat(dir.path(), port, &alice, &["typing", "d:alice:bob"]));
+    json_lines(&chat(dir.path(), port, &alice, &["presence", "away"]));
+    let mut typing = None;
+    let mut away = None;
+    while typing.is_none() || away.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("missing typing or presence line");
+        if line["type"] == "typing" {
+            typing = Some(line);
+        } else if line["type"] == "presence" && line["status"] == "away" {
+            away = Some(line);
+        }
+    }
+    let typing = typing.unwrap();
+    assert_eq!(
+        (typing["user"].as_str(), typing["conversation_id"].as_str()),
+        (Some("alice"), Some("d:alice:bob"))
+    );
+    assert_eq!(away.unwrap()["user"], "alice");
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let _ = reader.join();
+}

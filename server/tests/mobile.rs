@@ -374,3 +374,50 @@ async fn five_percent_loss_each_way_loses_nothing_and_presence_recovers() {
     drop(bob);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn background_devices_get_messages_but_no_presence_or_typing() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let sent = alice
+        .send(SendTarget::User("bob".into()), "hi", None)
+        .await
+        .unwrap();
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    bob.set_background(true).await.unwrap();
+    // The control stream is ordered: after this pong the server knows Bob is in the background.
+    bob.ping().await.unwrap();
+    let received_before = bob.stats().datagrams_received;
+    for _ in 0..5 {
+        alice.typing(&sent.conversation_id).await.unwrap();
+        alice.set_presence(PresenceStatus::Away).await.unwrap();
+        alice.set_presence(PresenceStatus::Online).await.unwrap();
+    }
+    alice
+        .send(SendTarget::User("bob".into()), "still delivered", None)
+        .await
+        .unwrap();
+    let message = wait_for(&mut bob_events, 10, |e| match e {
+        Event::Message { message, .. } if message.text == "still delivered" => Some(message),
+        Event::Typing(_) => panic!("typing reached a background device"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(message.sender, "alice");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        bob.stats().datagrams_received,
+        received_before,
+        "no datagrams while in the background"
+    );
+
+    // Back in the foreground, typing flows again.
+    bob.set_background(false).await.unwrap();
+    bob.ping().await.unwrap();
+    alice.typing(&sent.conversation_id).await.unwrap();
+    wait_for(&mut bob_events, 10, |e| {
+        matches!(e, Event::Typing(_)).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
