@@ -152,6 +152,25 @@ fn token_then_whoami_against_the_real_server() {
     }
 }
 
+/// The real server on a free port, dual-stack, in `dir`; returns once `token` can sign in.
+fn running_server(dir: &Path, token: &str) -> (ServerProcess, u16) {
+    let port = free_udp_port();
+    let server = ServerProcess(
+        Command::new(server_bin())
+            .args(["--listen", &format!("[::]:{port}")])
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !whoami(dir, port, token).status.success() {
+        assert!(Instant::now() < deadline, "server did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (server, port)
+}
+
 fn chat(dir: &Path, port: u16, token: &str, args: &[&str]) -> Output {
     Command::new(chat_bin())
         .args(args)
@@ -183,20 +202,7 @@ fn messaging_commands_against_the_real_server() {
         token(dir.path(), "bob", &[]),
         token(dir.path(), "carol", &[]),
     );
-    let port = free_udp_port();
-    let _server = ServerProcess(
-        Command::new(server_bin())
-            .args(["--listen", &format!("[::]:{port}")])
-            .current_dir(dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !whoami(dir.path(), port, &alice).status.success() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (_server, port) = running_server(dir.path(), &alice);
 
     // Bob listens while Alice sends; listen prints what arrives as JSON lines.
     let listener = Command::new(chat_bin())
@@ -300,20 +306,7 @@ fn presence_and_typing_show_up_in_listen() {
         token(dir.path(), "alice", &[]),
         token(dir.path(), "bob", &[]),
     );
-    let port = free_udp_port();
-    let _server = ServerProcess(
-        Command::new(server_bin())
-            .args(["--listen", &format!("[::]:{port}")])
-            .current_dir(dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !whoami(dir.path(), port, &alice).status.success() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (_server, port) = running_server(dir.path(), &alice);
     // A conversation makes them contacts.
     json_lines(&chat(
         dir.path(),

@@ -7,30 +7,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{TestServer, wait_for};
 use tern_client::tern_protocol::pb::{self, ConversationEventKind, ReceiptKind};
 use tern_client::{ClientError, Event, SendTarget};
 use tern_protocol::ErrorCode;
 use tokio::sync::mpsc::Receiver;
 
 /// Waits for the next event matching `pick`, skipping others, failing after `secs`.
-async fn wait_for<T>(
-    events: &mut Receiver<Event>,
-    secs: u64,
-    mut pick: impl FnMut(Event) -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .expect("timed out waiting for an event")
-            .expect("event channel closed");
-        if let Some(value) = pick(event) {
-            return value;
-        }
-    }
-}
-
 async fn messages(events: &mut Receiver<Event>, n: usize, secs: u64) -> Vec<(pb::Message, u64)> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {

@@ -8,28 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{TestServer, wait_for};
 use tern_client::tern_protocol::pb::{self, PresenceStatus};
 use tern_client::{Client, ClientConfig, Event, SendTarget};
 use tern_netsim::{Impairment, Relay, RelayConfig};
 use tokio::sync::mpsc::Receiver;
-
-async fn wait_for<T>(
-    events: &mut Receiver<Event>,
-    secs: u64,
-    mut pick: impl FnMut(Event) -> Option<T>,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .expect("timed out waiting for an event")
-            .expect("event channel closed");
-        if let Some(value) = pick(event) {
-            return value;
-        }
-    }
-}
 
 fn presence_of(
     user: &'static str,

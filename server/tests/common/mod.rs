@@ -115,3 +115,21 @@ pub async fn next_loss(
         }
     }
 }
+
+/// Waits for the next event `pick` accepts, skipping others, failing after `secs`.
+pub async fn wait_for<T>(
+    events: &mut mpsc::Receiver<Event>,
+    secs: u64,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("timed out waiting for an event")
+            .expect("event channel closed");
+        if let Some(value) = pick(event) {
+            return value;
+        }
+    }
+}
