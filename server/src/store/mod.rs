@@ -86,6 +86,9 @@ pub(crate) struct Keyspaces {
 pub(crate) struct Published {
     pub inbox: DashMap<Arc<str>, u64>,
     pub conv: DashMap<Arc<str>, u64>,
+    /// Groups committed (one fsync each with `Durability::Sync`) and commands in them.
+    pub groups: std::sync::atomic::AtomicU64,
+    pub commands: std::sync::atomic::AtomicU64,
 }
 
 /// Handle to the store, shared by every session.
@@ -135,6 +138,16 @@ impl Store {
             published,
             writer,
         }))
+    }
+
+    /// (groups committed, commands applied): with `Durability::Sync`, fsyncs and the writes
+    /// they covered.
+    pub fn write_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.published.groups.load(Relaxed),
+            self.published.commands.load(Relaxed),
+        )
     }
 
     /// The writer, for operations that change state.

@@ -314,12 +314,22 @@ impl Writer {
         while let Some(first) = rx.blocking_recv() {
             let mut batch = self.db.batch();
             self.apply(first, &mut batch);
+            let mut commands = 1;
             for _ in 1..MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(command) => self.apply(command, &mut batch),
+                    Ok(command) => {
+                        self.apply(command, &mut batch);
+                        commands += 1;
+                    }
                     Err(_) => break,
                 }
             }
+            self.published
+                .groups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.published
+                .commands
+                .fetch_add(commands, std::sync::atomic::Ordering::Relaxed);
             let result = batch.commit().and_then(|()| match self.limits.durability {
                 Durability::Sync => self.db.persist(PersistMode::SyncAll),
                 Durability::Buffered => Ok(()),
