@@ -3,7 +3,6 @@
 use tern_client::tern_protocol::pb;
 use tern_client::{Client, ClientConfig, ConnectionState, Event, SendTarget};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
 
 pub async fn run(config: ClientConfig, target: SendTarget) -> anyhow::Result<()> {
     let (client, events) = Client::connect(config).await?;
@@ -45,7 +44,7 @@ pub async fn run(config: ClientConfig, target: SendTarget) -> anyhow::Result<()>
     result
 }
 
-async fn print_events(mut events: mpsc::Receiver<Event>) {
+async fn print_events(mut events: tern_client::Events) {
     while let Some(event) = events.recv().await {
         match event {
             Event::Message { message: m, .. } => {

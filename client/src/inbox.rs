@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub(crate) struct InboxTracker {
     cursor: u64,
+    /// Entries reported as events that the app has not taken from the channel yet: they are
+    /// not acknowledged, so a crash of the app cannot lose them.
+    unconsumed: BTreeSet<u64>,
     above: BTreeSet<u64>,
     gap_since: Option<Instant>,
     acked: u64,
@@ -22,6 +25,7 @@ impl InboxTracker {
             above: BTreeSet::new(),
             gap_since: None,
             acked: cursor,
+            unconsumed: BTreeSet::new(),
         }
     }
 
@@ -55,8 +59,28 @@ impl InboxTracker {
         }
     }
 
+    /// Everything at or below this was received (not necessarily taken by the app).
     pub(crate) fn cursor(&self) -> u64 {
         self.cursor
+    }
+
+    /// Everything at or below this was received and taken by the app: what is acknowledged,
+    /// and where a restarted app resumes.
+    pub(crate) fn processed(&self) -> u64 {
+        match self.unconsumed.first() {
+            Some(first) => self.cursor.min(first - 1),
+            None => self.cursor,
+        }
+    }
+
+    /// `seq` is about to be reported as an event.
+    pub(crate) fn hold(&mut self, seq: u64) {
+        self.unconsumed.insert(seq);
+    }
+
+    /// The app took the event of `seq`.
+    pub(crate) fn consumed(&mut self, seq: u64) {
+        self.unconsumed.remove(&seq);
     }
 
     /// The cursor, if a gap has been open for longer than `patience`.
@@ -73,9 +97,10 @@ impl InboxTracker {
 
     /// The cursor, if it moved since the last acknowledgement.
     pub(crate) fn take_ack(&mut self) -> Option<u64> {
-        (self.cursor > self.acked).then(|| {
-            self.acked = self.cursor;
-            self.cursor
+        let processed = self.processed();
+        (processed > self.acked).then(|| {
+            self.acked = processed;
+            processed
         })
     }
 }
@@ -97,6 +122,21 @@ mod tests {
         assert!(t.stale_gap(Duration::ZERO).is_none());
         assert_eq!(t.take_ack(), Some(12));
         assert_eq!(t.take_ack(), None);
+    }
+
+    #[test]
+    fn events_the_app_has_not_taken_are_not_acknowledged() {
+        let mut t = InboxTracker::new(0);
+        for seq in 1..=3 {
+            t.accept(seq);
+            t.hold(seq);
+        }
+        assert_eq!(t.take_ack(), None);
+        t.consumed(1);
+        t.consumed(3);
+        assert_eq!(t.take_ack(), Some(1));
+        t.consumed(2);
+        assert_eq!(t.take_ack(), Some(3));
     }
 
     #[test]

@@ -168,6 +168,49 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The inbox sequence of a message, receipt or conversation event.
+    pub fn inbox_seq(&self) -> Option<u64> {
+        match self {
+            Event::Message { inbox_seq, .. }
+            | Event::Receipt { inbox_seq, .. }
+            | Event::Conversation { inbox_seq, .. } => Some(*inbox_seq),
+            _ => None,
+        }
+    }
+}
+
+/// The client's events. Taking an event from here is what marks it processed: the client
+/// acknowledges to the server (which then sends delivered receipts) only what the app took,
+/// so events still waiting here when the app dies are delivered again on the next start.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+    inbox: Arc<Mutex<inbox::InboxTracker>>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is gone.
+    pub async fn recv(&mut self) -> Option<Event> {
+        let event = self.rx.recv().await?;
+        self.taken(&event);
+        Some(event)
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Event, mpsc::error::TryRecvError> {
+        let event = self.rx.try_recv()?;
+        self.taken(&event);
+        Ok(event)
+    }
+
+    fn taken(&self, event: &Event) {
+        if let Some(seq) = event.inbox_seq() {
+            lock(&self.inbox).consumed(seq);
+        }
+    }
+}
+
 /// Whether the client currently has a connection.
 #[derive(Clone)]
 pub(crate) enum LinkState {
@@ -185,7 +228,7 @@ pub(crate) struct Inner {
     pub link: watch::Sender<LinkState>,
     /// The latest link, also while down (for diagnostics).
     pub last_link: Mutex<Option<Arc<link::Link>>>,
-    pub inbox: Mutex<inbox::InboxTracker>,
+    pub inbox: Arc<Mutex<inbox::InboxTracker>>,
     pub paused: Mutex<HashSet<String>>,
     pub unpaused: tokio::sync::Notify,
     pub pending_pings: Mutex<HashMap<u64, oneshot::Sender<pb::Pong>>>,
@@ -194,7 +237,7 @@ pub(crate) struct Inner {
     /// Held for writing while a sync reports entries, so pushes (which the server may send
     /// as soon as its last page is out) are reported after the synced entries, not among
     /// them: each conversation's events stay in order.
-    pub sync_gate: tokio::sync::RwLock<()>,
+    pub sync_gate: Arc<tokio::sync::RwLock<()>>,
     pub user: String,
     pub device: String,
     /// Client message ids this device is sending now: their messages reach the app through
@@ -239,9 +282,7 @@ impl Client {
     /// Connects and authenticates; then (with `auto_sync`) syncs and delivers events, and
     /// (with `auto_reconnect`) keeps the session alive. The first connection's failure is
     /// returned here; later ones are reported as [`Event::Connection`].
-    pub async fn connect(
-        config: ClientConfig,
-    ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
+    pub async fn connect(config: ClientConfig) -> Result<(Self, Events), ClientError> {
         let timeout = config.transport.connect_timeout;
         tokio::time::timeout(timeout, Self::connect_inner(config))
             .await
@@ -261,9 +302,7 @@ impl Client {
         Ok((endpoint, conn))
     }
 
-    async fn connect_inner(
-        config: ClientConfig,
-    ) -> Result<(Self, mpsc::Receiver<Event>), ClientError> {
+    async fn connect_inner(config: ClientConfig) -> Result<(Self, Events), ClientError> {
         let (addr, _) = transport::resolve(&config.server, config.server_name.as_deref()).await?;
         let endpoint = transport::endpoint(addr, &config.trust, &config.transport)?;
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
@@ -278,13 +317,13 @@ impl Client {
             events: events_tx,
             link: watch::Sender::new(LinkState::Down),
             last_link: Mutex::new(None),
-            inbox: Mutex::new(inbox::InboxTracker::new(start)),
+            inbox: Arc::new(Mutex::new(inbox::InboxTracker::new(start))),
             paused: Mutex::default(),
             unpaused: tokio::sync::Notify::new(),
             pending_pings: Mutex::default(),
             pending_heartbeats: Mutex::default(),
             next_nonce: AtomicU64::new(1),
-            sync_gate: tokio::sync::RwLock::new(()),
+            sync_gate: Arc::new(tokio::sync::RwLock::new(())),
             user: first.link.session.user.clone(),
             device: first.link.session.device.clone(),
             sending: Mutex::default(),
@@ -296,7 +335,11 @@ impl Client {
         // Wait until the first link is published, so calls right after connect find it.
         let mut state = inner.link.subscribe();
         let _ = state.wait_for(|s| !matches!(s, LinkState::Down)).await;
-        Ok((Self { inner, supervisor }, events_rx))
+        let events = Events {
+            rx: events_rx,
+            inbox: inner.inbox.clone(),
+        };
+        Ok((Self { inner, supervisor }, events))
     }
 
     /// The current (or last) session.
@@ -320,10 +363,10 @@ impl Client {
         lock(&self.inner.last_link).as_ref().map(|l| l.conn.clone())
     }
 
-    /// The highest inbox sequence up to which this device has received everything. Persist
-    /// it and pass it back as `resume_from` to resume exactly there.
+    /// The highest inbox sequence up to which the app has taken every event (from
+    /// [`Events`]). Persist it and pass it back as `resume_from` to resume exactly there.
     pub fn inbox_cursor(&self) -> u64 {
-        lock(&self.inner.inbox).cursor()
+        lock(&self.inner.inbox).processed()
     }
 
     /// Round trip on the reliable control stream.

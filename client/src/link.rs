@@ -264,6 +264,9 @@ async fn serve(inner: &Arc<Inner>, established: Established) -> ClientError {
             }
         });
     }
+    // Held from before the push readers start until the first sync has reported its
+    // entries, so no push of this link can be reported ahead of them.
+    let gate = inner.sync_gate.clone().write_owned().await;
     let mut tasks = vec![
         tokio::spawn(control_reader(control, link.clone(), inner.clone())),
         tokio::spawn(messaging::accept_pushes(link.clone(), inner.clone())),
@@ -282,7 +285,10 @@ async fn serve(inner: &Arc<Inner>, established: Established) -> ClientError {
             link.clone(),
             inner.clone(),
             early_sync,
+            gate,
         )));
+    } else {
+        drop(gate);
     }
     let reason = ClientError::from(link.conn.closed().await);
     for task in tasks {
@@ -322,33 +328,59 @@ async fn control_reader(mut reader: FrameReader, link: Arc<Link>, inner: Arc<Inn
     let _ = link.conn.closed().await;
 }
 
+/// Closes a link that stopped working, unless it is closing anyway: a failure is often the
+/// first sign of the server's own close, whose reason (e.g. SERVER_SHUTDOWN) should win.
+async fn give_up(link: &Link, why: &str) {
+    if tokio::time::timeout(Duration::from_secs(1), link.conn.closed())
+        .await
+        .is_err()
+    {
+        link.close(ErrorCode::Internal, why);
+    }
+}
+
 /// Syncs from the cursor (using the 0-RTT sync if one was sent), then keeps acknowledging
 /// what arrives and fills gaps that stay open.
-async fn keep_in_sync(link: Arc<Link>, inner: Arc<Inner>, early_sync: Option<FrameReader>) {
+async fn keep_in_sync(
+    link: Arc<Link>,
+    inner: Arc<Inner>,
+    early_sync: Option<FrameReader>,
+    gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+) {
     let first = match early_sync {
-        Some(reader) => inner.read_sync(reader, true).await,
-        None => {
+        Some(reader) => inner.read_sync_gated(reader, true).await,
+        None => Err(ClientError::Disconnected),
+    };
+    let first = match first {
+        Ok(result) => Ok(result),
+        Err(e) => {
+            if !matches!(e, ClientError::Disconnected) {
+                debug!(error = %e, "0-RTT sync failed; syncing again");
+            }
             let cursor = lock(&inner.inbox).cursor();
-            inner.sync_on(&link, cursor, true).await
+            match open_sync(&link.conn, cursor, inner.max_frame).await {
+                Ok(reader) => inner.read_sync_gated(reader, true).await,
+                Err(e) => Err(e),
+            }
         }
     };
-    if let Err(e) = first {
-        debug!(error = %e, "sync failed; retrying without 0-RTT");
-        let cursor = lock(&inner.inbox).cursor();
-        if inner.sync_on(&link, cursor, true).await.is_err() {
-            return;
-        }
+    drop(gate);
+    if first.is_err() {
+        // A link that cannot sync is of no use: let the supervisor make a new one.
+        give_up(&link, "sync failed").await;
+        return;
     }
     let mut tick = tokio::time::interval(ACK_INTERVAL);
     loop {
         tick.tick().await;
-        if inner.flush_ack(&link).await.is_err() {
-            return;
-        }
         let gap = lock(&inner.inbox).stale_gap(GAP_PATIENCE);
-        if let Some(cursor) = gap
-            && inner.sync_on(&link, cursor, true).await.is_err()
-        {
+        let healthy = inner.flush_ack(&link).await.is_ok()
+            && match gap {
+                Some(cursor) => inner.sync_on(&link, cursor, true).await.is_ok(),
+                None => true,
+            };
+        if !healthy {
+            give_up(&link, "acknowledging or filling a gap failed").await;
             return;
         }
     }

@@ -52,6 +52,29 @@ pub struct SyncResult {
     pub too_long: Option<pb::SyncTooLong>,
 }
 
+/// Marks a client message id as being sent by this device until dropped (also when the
+/// app drops the send's future).
+struct Sending<'a> {
+    inner: &'a Inner,
+    id: String,
+}
+
+impl<'a> Sending<'a> {
+    fn new(inner: &'a Inner, id: &str) -> Self {
+        lock(&inner.sending).insert(id.to_owned());
+        Self {
+            inner,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.sending).remove(&self.id);
+    }
+}
+
 type AckSlot = oneshot::Sender<Result<pb::SendAck, ClientError>>;
 
 /// One open conversation stream: writes are serialized, answers come back in order.
@@ -95,7 +118,7 @@ impl Client {
             msg.client_message_id = random_id();
         }
         let client_message_id = msg.client_message_id.clone();
-        lock(&self.inner.sending).insert(client_message_id.clone());
+        let _sending = Sending::new(&self.inner, &client_message_id);
         let mut result = Err(ClientError::Disconnected);
         for _ in 0..SEND_ATTEMPTS {
             let link = match self.inner.wait_link().await {
@@ -121,7 +144,6 @@ impl Client {
                 _ => break,
             }
         }
-        lock(&self.inner.sending).remove(&client_message_id);
         let ack = result?;
         Ok(ack)
     }
@@ -399,7 +421,7 @@ impl Inner {
     /// Reads a sync's pages from its response stream.
     pub(crate) async fn read_sync(
         &self,
-        mut reader: FrameReader,
+        reader: FrameReader,
         emit: bool,
     ) -> Result<SyncResult, ClientError> {
         let _gate = if emit {
@@ -407,6 +429,15 @@ impl Inner {
         } else {
             None
         };
+        self.read_sync_gated(reader, emit).await
+    }
+
+    /// [`Inner::read_sync`] for a caller that holds the sync gate already.
+    pub(crate) async fn read_sync_gated(
+        &self,
+        mut reader: FrameReader,
+        emit: bool,
+    ) -> Result<SyncResult, ClientError> {
         let mut result = SyncResult::default();
         loop {
             match response_of(reader.next::<ServerFrame>().await?)? {
@@ -442,16 +473,25 @@ impl Inner {
 
     /// Records an entry; reports it as an event if it is new and `emit`. Returns whether new.
     pub(crate) async fn receive(&self, entry: &pb::InboxEntry, emit: bool) -> bool {
-        let new = lock(&self.inbox).accept(entry.inbox_seq);
         let own_send_in_flight = matches!(&entry.body, Some(pb::inbox_entry::Body::Message(m))
             if m.sender == self.user
                 && m.sender_device == self.device
                 && lock(&self.sending).contains(&m.client_message_id));
-        if new
-            && emit
-            && !own_send_in_flight
-            && let Some(event) = event_of(entry)
-        {
+        let event = if emit && !own_send_in_flight {
+            event_of(entry)
+        } else {
+            None
+        };
+        // Accepted and held under one lock: the ack loop never sees it received but not held.
+        let new = {
+            let mut inbox = lock(&self.inbox);
+            let new = inbox.accept(entry.inbox_seq);
+            if new && event.is_some() {
+                inbox.hold(entry.inbox_seq);
+            }
+            new
+        };
+        if new && let Some(event) = event {
             self.emit(event).await;
         }
         new

@@ -92,23 +92,22 @@ async fn authenticate(
     conn: &quinn::Connection,
 ) -> Result<(Arc<Session>, Control), (SessionError, Option<quinn::SendStream>)> {
     let max = state.config.max_frame_bytes as usize;
-    let (send, recv) =
-        match tokio::time::timeout(state.config.auth_timeout(), conn.accept_bi()).await {
-            Err(_) => return Err((SessionError::AuthTimeout, None)),
-            Ok(Err(e)) => return Err((e.into(), None)),
-            Ok(Ok(streams)) => streams,
-        };
+    // One deadline for the stream and its Hello together.
+    let deadline = tokio::time::Instant::now() + state.config.auth_timeout();
+    let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        Err(_) => return Err((SessionError::AuthTimeout, None)),
+        Ok(Err(e)) => return Err((e.into(), None)),
+        Ok(Ok(streams)) => streams,
+    };
     let mut reader = FrameReader::new(recv, max);
-    let hello =
-        match tokio::time::timeout(state.config.auth_timeout(), reader.next::<ClientFrame>()).await
-        {
-            Err(_) => Err(SessionError::AuthTimeout),
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(Some(ClientFrame {
-                body: Some(client_frame::Body::Hello(hello)),
-            }))) => Ok(hello),
-            Ok(Ok(_)) => Err(SessionError::NotHello),
-        };
+    let hello = match tokio::time::timeout_at(deadline, reader.next::<ClientFrame>()).await {
+        Err(_) => Err(SessionError::AuthTimeout),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(Some(ClientFrame {
+            body: Some(client_frame::Body::Hello(hello)),
+        }))) => Ok(hello),
+        Ok(Ok(_)) => Err(SessionError::NotHello),
+    };
     let hello = match hello {
         Ok(hello) => hello,
         Err(e) => return Err((e, Some(send))),
@@ -246,6 +245,8 @@ async fn control_loop(
     reader: &mut FrameReader,
 ) -> Result<(), SessionError> {
     let max = state.config.max_frame_bytes as usize;
+    // Only acknowledgements that move the cursor reach the (shared) storage writer.
+    let mut acked = 0;
     loop {
         let frame = tokio::select! {
             frame = reader.next::<ClientFrame>() => frame,
@@ -268,6 +269,8 @@ async fn control_loop(
                 };
                 write_frame(send, &pong, max).await?;
             }
+            Some(client_frame::Body::ClientState(client))
+                if client.background == session.is_background() => {}
             Some(client_frame::Body::ClientState(client)) => {
                 session
                     .background
@@ -280,7 +283,9 @@ async fn control_loop(
                 session.set_presence(status);
                 crate::datagrams::refresh_presence(state, &session.user);
             }
+            Some(client_frame::Body::AckInbox(ack)) if ack.up_to_inbox_seq <= acked => {}
             Some(client_frame::Body::AckInbox(ack)) => {
+                acked = ack.up_to_inbox_seq;
                 state
                     .store
                     .writer()

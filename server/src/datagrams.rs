@@ -43,14 +43,19 @@ pub struct DatagramStats {
 /// The last known presence of each user seen since the server started.
 #[derive(Debug, Default)]
 pub struct PresenceBook {
-    users: DashMap<Arc<str>, pb::Presence>,
+    users: DashMap<Arc<str>, (pb::Presence, Instant)>,
 }
+
+/// A device that republishes an unchanged presence gets it fanned out again at most this
+/// often: a lost presence datagram is repaired by the next republish, without letting a
+/// client turn its datagram budget into a fan-out storm.
+const REPUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl PresenceBook {
     pub fn get(&self, user: &str) -> pb::Presence {
         self.users
             .get(user)
-            .map(|p| p.clone())
+            .map(|p| p.0.clone())
             .unwrap_or_else(|| pb::Presence {
                 user_id: user.to_owned(),
                 status: PresenceStatus::Offline as i32,
@@ -58,15 +63,35 @@ impl PresenceBook {
             })
     }
 
-    /// Records `status`; returns the new presence if it changed.
-    fn set(&self, user: &Arc<str>, status: PresenceStatus) -> Option<pb::Presence> {
+    /// Records `status`; returns the presence to fan out if it changed, or if `republish`
+    /// and the last fan-out is older than [`REPUBLISH_INTERVAL`].
+    fn set(
+        &self,
+        user: &Arc<str>,
+        status: PresenceStatus,
+        republish: bool,
+    ) -> Option<pb::Presence> {
         let presence = pb::Presence {
             user_id: user.to_string(),
             status: status as i32,
             last_seen_ms: unix_now_ms(),
         };
-        let old = self.users.insert(user.clone(), presence.clone());
-        (old.map(|o| o.status) != Some(status as i32)).then_some(presence)
+        let now = Instant::now();
+        let mut entry = self.users.entry(user.clone()).or_insert_with(|| {
+            (
+                pb::Presence::default(),
+                now.checked_sub(REPUBLISH_INTERVAL).unwrap_or(now),
+            )
+        });
+        let changed = entry.0.status != status as i32 || entry.0.user_id.is_empty();
+        let due = republish && now.duration_since(entry.1) >= REPUBLISH_INTERVAL;
+        entry.0 = presence.clone();
+        if changed || due {
+            entry.1 = now;
+            Some(presence)
+        } else {
+            None
+        }
     }
 }
 
@@ -74,13 +99,8 @@ impl PresenceBook {
 pub fn contacts(state: &ServerState, user: &str) -> BTreeSet<String> {
     let mut contacts = BTreeSet::new();
     for conversation in state.store.conversations_of(user).unwrap_or_default() {
-        if let Ok(conv) = state.store.conversation(&conversation) {
-            contacts.extend(
-                conv.members
-                    .into_iter()
-                    .map(|m| m.user_id)
-                    .filter(|m| m != user),
-            );
+        if let Ok(members) = state.store.members(&conversation) {
+            contacts.extend(members.into_iter().map(|m| m.user_id).filter(|m| m != user));
         }
     }
     contacts
@@ -88,6 +108,12 @@ pub fn contacts(state: &ServerState, user: &str) -> BTreeSet<String> {
 
 /// Recomputes `user`'s presence from their sessions and fans out a change.
 pub fn refresh_presence(state: &ServerState, user: &Arc<str>) {
+    publish_presence(state, user, false);
+}
+
+/// Like [`refresh_presence`], and also fans out an unchanged presence that a device
+/// republished (at most once per [`REPUBLISH_INTERVAL`]).
+fn publish_presence(state: &ServerState, user: &Arc<str>, republish: bool) {
     let sessions = state.registry.sessions_of(user);
     let status = sessions
         .iter()
@@ -98,7 +124,7 @@ pub fn refresh_presence(state: &ServerState, user: &Arc<str>) {
             _ => 0,
         })
         .unwrap_or(PresenceStatus::Offline);
-    if let Some(presence) = state.presence.set(user, status) {
+    if let Some(presence) = state.presence.set(user, status, republish) {
         let datagram = pb::Datagram {
             body: Some(datagram::Body::Presence(presence)),
         };
@@ -114,12 +140,17 @@ pub fn refresh_presence(state: &ServerState, user: &Arc<str>) {
 
 /// The presence of `user`'s contacts, for the snapshot after Welcome.
 pub fn snapshot(state: &ServerState, user: &str) -> pb::PresenceSnapshot {
-    pb::PresenceSnapshot {
-        contacts: contacts(state, user)
-            .iter()
-            .map(|c| state.presence.get(c))
-            .collect(),
-    }
+    let mut contacts: Vec<pb::Presence> = contacts(state, user)
+        .iter()
+        .map(|c| state.presence.get(c))
+        .collect();
+    // Online contacts first, so that a snapshot cut to fit one frame keeps what matters.
+    contacts.sort_by_key(|p| p.status != PresenceStatus::Online as i32);
+    crate::streams::fit_to_budget(
+        &mut contacts,
+        (state.config.max_frame_bytes as usize).saturating_sub(4096),
+    );
+    pb::PresenceSnapshot { contacts }
 }
 
 /// Sends one datagram if it fits the path; counts what happens.
@@ -187,6 +218,12 @@ pub async fn datagram_loop(state: Arc<ServerState>, session: Arc<Session>) {
         match datagram.body {
             Some(datagram::Body::Presence(p)) => match PresenceStatus::try_from(p.status) {
                 Ok(status @ (PresenceStatus::Online | PresenceStatus::Away)) => {
+                    // A device in the background shows as away, whatever it says.
+                    let status = if session.is_background() {
+                        PresenceStatus::Away
+                    } else {
+                        status
+                    };
                     session.set_presence(status);
                     refresh_presence(&state, &session.user);
                 }
@@ -228,7 +265,12 @@ fn typing(state: &ServerState, session: &Session, typing: pb::Typing) {
             .fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let Ok(conv) = state.store.conversation(&typing.conversation_id) else {
+    // Not in dissolved groups; and to every member (the full list, not a response's).
+    match state.store.conversation(&typing.conversation_id) {
+        Ok(conv) if !conv.dissolved => {}
+        _ => return,
+    }
+    let Ok(members) = state.store.members(&typing.conversation_id) else {
         return;
     };
     let expires_in_ms = match typing.expires_in_ms {
@@ -242,7 +284,7 @@ fn typing(state: &ServerState, session: &Session, typing: pb::Typing) {
             expires_in_ms,
         })),
     };
-    for member in conv.members.iter().filter(|m| *m.user_id != *session.user) {
+    for member in members.iter().filter(|m| *m.user_id != *session.user) {
         for other in state.registry.sessions_of(&member.user_id) {
             if !other.is_background() {
                 send(state, &other.conn, &datagram);

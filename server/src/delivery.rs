@@ -135,7 +135,7 @@ pub async fn push_loop(state: Arc<ServerState>, session: Arc<Session>) {
         }
         tokio::select! {
             changed = heads.changed() => if changed.is_err() { return },
-            Some(conversation) = drained_rx.recv() => pusher.resume(&conversation, pushed),
+            Some((conversation, unwritten)) = drained_rx.recv() => pusher.drained(&conversation, unwritten, pushed),
             _ = session.conn.closed() => return,
         }
     }
@@ -155,7 +155,7 @@ struct Pusher {
     /// Conversations whose queue was full: the first inbox sequence not queued. Their later
     /// entries are not queued either (order), until the stream drains and `resume` re-reads.
     lagging: HashMap<String, u64>,
-    drained_tx: mpsc::UnboundedSender<String>,
+    drained_tx: mpsc::UnboundedSender<(String, Option<u64>)>,
 }
 
 impl Pusher {
@@ -209,7 +209,7 @@ impl Pusher {
                     if queue.tx.capacity() == CONVERSATION_QUEUE
                         && queue.overflowed.swap(false, Ordering::SeqCst)
                     {
-                        let _ = self.drained_tx.send(conversation);
+                        let _ = self.drained_tx.send((conversation, None));
                     }
                     return;
                 }
@@ -224,6 +224,21 @@ impl Pusher {
 
     /// A lagging conversation's stream drained: queue its entries again from where it fell
     /// behind, up to `pushed` (later entries come through the main loop).
+    /// A conversation's stream drained, or ended with `unwritten` entries: continue it.
+    fn drained(&mut self, conversation: &str, unwritten: Option<u64>, pushed: u64) {
+        if let Some(from) = unwritten {
+            if self.session.conn.close_reason().is_some() {
+                return;
+            }
+            // The stream is gone: the next entry opens a new one, starting from the first
+            // entry the old one did not write.
+            self.queues.remove(conversation);
+            let lagging = self.lagging.entry(conversation.to_owned()).or_insert(from);
+            *lagging = (*lagging).min(from);
+        }
+        self.resume(conversation, pushed);
+    }
+
     fn resume(&mut self, conversation: &str, pushed: u64) {
         let Some(from) = self.lagging.remove(conversation) else {
             return;
@@ -269,14 +284,28 @@ struct PushStream {
     session: Arc<Session>,
     conversation: String,
     overflowed: Arc<AtomicBool>,
-    drained_tx: mpsc::UnboundedSender<String>,
+    drained_tx: mpsc::UnboundedSender<(String, Option<u64>)>,
 }
 
 impl PushStream {
+    /// Writes entries until idle or failure. However it ends, the pusher hears of it: a
+    /// stream that failed with entries still queued gets them re-sent from the inbox, and a
+    /// held-back conversation is never left waiting for a drain that cannot come.
     async fn run(self, mut rx: mpsc::Receiver<Arc<pb::InboxEntry>>) {
+        let unwritten = self.write_entries(&mut rx).await;
+        let unwritten = unwritten.or_else(|| rx.try_recv().ok().map(|e| e.inbox_seq));
+        if unwritten.is_some() || self.overflowed.swap(false, Ordering::SeqCst) {
+            let _ = self.drained_tx.send((self.conversation.clone(), unwritten));
+        }
+    }
+
+    /// Returns the inbox sequence of the first entry it could not write, if it failed.
+    async fn write_entries(&self, rx: &mut mpsc::Receiver<Arc<pb::InboxEntry>>) -> Option<u64> {
         let max = self.state.config.max_frame_bytes as usize;
+        let first =
+            |rx: &mut mpsc::Receiver<Arc<pb::InboxEntry>>| rx.try_recv().ok().map(|e| e.inbox_seq);
         let Ok(mut send) = self.session.conn.open_uni().await else {
-            return;
+            return first(rx);
         };
         let header = ServerFrame {
             body: Some(server_frame::Body::PushHeader(pb::PushStreamHeader {
@@ -284,7 +313,7 @@ impl PushStream {
             })),
         };
         if write_frame(&mut send, &header, max).await.is_err() {
-            return;
+            return first(rx);
         }
         loop {
             let entry = match tokio::time::timeout(PUSH_STREAM_IDLE, rx.recv()).await {
@@ -303,12 +332,13 @@ impl PushStream {
                 body: Some(server_frame::Body::Entry((*entry).clone())),
             };
             if write_frame(&mut send, &frame, max).await.is_err() {
-                return;
+                return Some(entry.inbox_seq);
             }
             if rx.is_empty() && self.overflowed.swap(false, Ordering::SeqCst) {
-                let _ = self.drained_tx.send(self.conversation.clone());
+                let _ = self.drained_tx.send((self.conversation.clone(), None));
             }
         }
         let _ = send.finish();
+        None
     }
 }

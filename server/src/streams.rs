@@ -202,7 +202,11 @@ async fn request_stream(
         request::Body::History(h) => {
             store.check_member(&h.conversation_id, user)?;
             let limit = (h.limit as usize).clamp(1, MAX_HISTORY_PAGE);
-            let (messages, has_more) = store.history(&h.conversation_id, h.before_seq, limit)?;
+            let (mut messages, mut has_more) =
+                store.history(&h.conversation_id, h.before_seq, limit)?;
+            if fit_to_budget(&mut messages, page_budget(max)) {
+                has_more = true;
+            }
             response::Body::HistoryPage(pb::HistoryPage { messages, has_more })
         }
         request::Body::MarkRead(m) => {
@@ -260,17 +264,24 @@ async fn request_stream(
             response::Body::Conversation(store.conversation(&g.conversation_id)?)
         }
         request::Body::ListConversations(_) => {
-            let conversations = store
+            let mut conversations = store
                 .conversations_of(user)?
                 .iter()
                 .map(|id| store.conversation(id))
-                .collect::<Result<_, _>>()?;
-            response::Body::ConversationList(pb::ConversationList { conversations })
+                .collect::<Result<Vec<_>, _>>()?;
+            for conv in &mut conversations {
+                conv.members.clear();
+            }
+            let truncated = fit_to_budget(&mut conversations, page_budget(max));
+            response::Body::ConversationList(pb::ConversationList {
+                conversations,
+                truncated,
+            })
         }
     };
     write_frame(send, &reply(body), max)
         .await
-        .map_err(|_| StreamError::Gone)
+        .map_err(StreamError::from_write)
 }
 
 /// Streams the inbox after `since` in pages, then makes the session live, so that pushes
@@ -295,21 +306,32 @@ async fn sync_stream(
         })),
     };
     if head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
-        let heads = store.heads_of(&session.user)?;
+        let mut heads = store.heads_of(&session.user)?;
+        // Heads need ids and sequences, not member lists; and they must fit one frame.
+        for head in &mut heads {
+            if let Some(conv) = &mut head.conversation {
+                conv.members.clear();
+            }
+        }
+        fit_to_budget(&mut heads, page_budget(max));
         let frame = respond(response::Body::SyncTooLong(pb::SyncTooLong {
             inbox_head: head,
             heads,
         }));
         write_frame(send, &frame, max)
             .await
-            .map_err(|_| StreamError::Gone)?;
+            .map_err(StreamError::from_write)?;
         session.push.go_live(head);
         return Ok(());
     }
     let mut after = sync.since_inbox_seq.min(head);
     loop {
-        let entries = store.read_inbox(&session.user, after, page)?;
-        let complete = entries.len() < page;
+        let mut entries = store.read_inbox(&session.user, after, page)?;
+        let mut complete = entries.len() < page;
+        // Pages are capped in bytes too: a page of large messages must still fit one frame.
+        if fit_to_budget(&mut entries, page_budget(max)) {
+            complete = false;
+        }
         if let Some(last) = entries.last() {
             after = last.inbox_seq;
         }
@@ -321,7 +343,7 @@ async fn sync_stream(
         }));
         write_frame(send, &frame, max)
             .await
-            .map_err(|_| StreamError::Gone)?;
+            .map_err(StreamError::from_write)?;
         if complete {
             let started = session.push.go_live(after);
             debug!(
@@ -336,6 +358,27 @@ async fn sync_stream(
     }
 }
 
+/// Bytes of items one response may carry, leaving room for the envelope.
+fn page_budget(max_frame: usize) -> usize {
+    max_frame.saturating_sub(4096)
+}
+
+/// Keeps the longest prefix of `items` whose encoding fits `budget` (at least one item, which
+/// the message size limit keeps under any frame cap). Returns whether it cut anything.
+pub(crate) fn fit_to_budget<M: prost::Message>(items: &mut Vec<M>, budget: usize) -> bool {
+    let mut used = 0;
+    let keep = items
+        .iter()
+        .position(|item| {
+            used += item.encoded_len() + 4;
+            used > budget
+        })
+        .map_or(items.len(), |i| i.max(1));
+    let cut = keep < items.len();
+    items.truncate(keep);
+    cut
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -345,6 +388,20 @@ enum StreamError {
     Invalid(&'static str),
     #[error("stream closed")]
     Gone,
+    #[error("response could not be encoded: {0}")]
+    Encode(String),
+}
+
+impl StreamError {
+    fn from_write(e: crate::framed::WriteFrameError) -> Self {
+        match e {
+            crate::framed::WriteFrameError::Encode(e) => {
+                tracing::error!(error = %e, "response too large for a frame");
+                StreamError::Encode(e.to_string())
+            }
+            crate::framed::WriteFrameError::Stream(_) => StreamError::Gone,
+        }
+    }
 }
 
 impl StreamError {
@@ -353,6 +410,7 @@ impl StreamError {
             StreamError::Store(e) => e.code(),
             StreamError::Invalid(_) => ErrorCode::InvalidArgument,
             StreamError::Gone => ErrorCode::Ok,
+            StreamError::Encode(_) => ErrorCode::Internal,
         }
     }
 }

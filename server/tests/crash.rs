@@ -52,11 +52,7 @@ fn token(dir: &Path, user: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-async fn connect(
-    dir: &Path,
-    port: u16,
-    user: &str,
-) -> (Client, tokio::sync::mpsc::Receiver<Event>) {
+async fn connect(dir: &Path, port: u16, user: &str) -> (Client, tern_client::Events) {
     connect_with(dir, port, user, false).await
 }
 
@@ -65,7 +61,7 @@ async fn connect_with(
     port: u16,
     user: &str,
     reconnect: bool,
-) -> (Client, tokio::sync::mpsc::Receiver<Event>) {
+) -> (Client, tern_client::Events) {
     let mut config = ClientConfig::new(
         format!("127.0.0.1:{port}"),
         token(dir, user),

@@ -11,10 +11,13 @@ use common::{TestServer, wait_for};
 use tern_client::tern_protocol::pb::{self, ConversationEventKind, ReceiptKind};
 use tern_client::{ClientError, Event, SendTarget};
 use tern_protocol::ErrorCode;
-use tokio::sync::mpsc::Receiver;
 
 /// Waits for the next event matching `pick`, skipping others, failing after `secs`.
-async fn messages(events: &mut Receiver<Event>, n: usize, secs: u64) -> Vec<(pb::Message, u64)> {
+async fn messages(
+    events: &mut tern_client::Events,
+    n: usize,
+    secs: u64,
+) -> Vec<(pb::Message, u64)> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         out.push(
@@ -29,7 +32,7 @@ async fn messages(events: &mut Receiver<Event>, n: usize, secs: u64) -> Vec<(pb:
 }
 
 /// No further message arrives within `ms`.
-async fn quiet(events: &mut Receiver<Event>, ms: u64) {
+async fn quiet(events: &mut tern_client::Events, ms: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
     while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
         assert!(
@@ -547,5 +550,95 @@ async fn idle_conversation_streams_close_so_many_conversations_fit_the_stream_li
         .await
         .unwrap();
     assert_eq!(sent.seq, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn large_messages_sync_in_pages_that_fit_a_frame() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let big = "y".repeat(60_000);
+    for _ in 0..10 {
+        alice
+            .send(SendTarget::User("bob".into()), &big, None)
+            .await
+            .unwrap();
+    }
+    // 600 KB of backlog: more than one 128 KiB frame, so it must come in several pages.
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    let got = messages(&mut bob_events, 10, 20).await;
+    assert_in_order(&got, 1);
+    assert!(got.iter().all(|(m, _)| m.text.len() == 60_000));
+    let page = bob.history("d:alice:bob", 0, 500).await.unwrap();
+    assert!(page.has_more && !page.messages.is_empty() && page.messages.len() < 10);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_big_group_answers_with_a_capped_member_list() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let members: Vec<String> = (0..2000).map(|i| format!("member{i}")).collect();
+    let group = alice.create_group("crowd", &members).await.unwrap();
+    assert_eq!(group.member_count, 2001);
+    assert!(group.members_truncated);
+    assert_eq!(group.members.len(), 1000);
+    let fetched = alice.conversation(&group.conversation_id).await.unwrap();
+    assert_eq!(fetched.member_count, 2001);
+    let list = alice.conversations().await.unwrap();
+    assert_eq!(list.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn only_events_the_app_took_are_acknowledged() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let (_bob, mut bob_events) = server.connect("bob", "phone").await;
+    for i in 0..5 {
+        alice
+            .send(SendTarget::User("bob".into()), &format!("{i}"), None)
+            .await
+            .unwrap();
+    }
+    // The client has received them, but the app has not taken them: nothing acknowledged.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(server.state.store.cursor("bob", "phone").unwrap(), 0);
+    messages(&mut bob_events, 5, 10).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.state.store.cursor("bob", "phone").unwrap() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "taken events were not acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn removed_members_get_no_receipts() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let (carol, _c) = server.connect("carol", "phone").await;
+    let group = alice
+        .create_group("g", &["bob".into(), "carol".into()])
+        .await
+        .unwrap()
+        .conversation_id;
+    let sent = carol
+        .send(SendTarget::Conversation(group.clone()), "before", None)
+        .await
+        .unwrap();
+    alice.remove_member(&group, "carol").await.unwrap();
+    let carol_head = server.state.store.inbox_head("carol").unwrap();
+    let (bob, _b) = server.connect("bob", "phone").await;
+    bob.mark_read(&group, sent.seq).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.state.store.inbox_head("carol").unwrap(),
+        carol_head,
+        "carol got a receipt"
+    );
     server.stop().await;
 }

@@ -12,7 +12,6 @@ use common::{TestServer, wait_for};
 use tern_client::tern_protocol::pb::{self, PresenceStatus};
 use tern_client::{Client, ClientConfig, Event, SendTarget};
 use tern_netsim::{Impairment, Relay, RelayConfig};
-use tokio::sync::mpsc::Receiver;
 
 fn presence_of(
     user: &'static str,
@@ -25,7 +24,11 @@ fn presence_of(
 }
 
 /// Collects `n` messages, returning (conversation, seq, text) in arrival order.
-async fn collect(events: &mut Receiver<Event>, n: usize, secs: u64) -> Vec<(String, u64, String)> {
+async fn collect(
+    events: &mut tern_client::Events,
+    n: usize,
+    secs: u64,
+) -> Vec<(String, u64, String)> {
     let mut out = Vec::new();
     while out.len() < n {
         let m = wait_for(events, secs, |e| match e {

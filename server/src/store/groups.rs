@@ -40,6 +40,8 @@ impl Writer {
                 let new: Vec<Arc<str>> = users
                     .into_iter()
                     .filter(|u| !conv.members.contains_key(u))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
                     .collect();
                 if conv.members.len() + new.len() > max_members {
                     return Err(StoreError::LimitExceeded(format!(
@@ -313,6 +315,10 @@ impl Writer {
             }
         }
         senders.insert(user.clone());
+        // Former members hear nothing more from the group, receipts included.
+        if let Some(conv) = self.convs.get(&id) {
+            senders.retain(|s| conv.members.contains_key(s));
+        }
         self.put_u64(&self.ks.marks.clone(), key, up_to, batch);
         let receipt = receipt(&id, user, ReceiptKind::Read, up_to);
         for sender in &senders {
@@ -361,10 +367,19 @@ impl Writer {
             if max_seq <= self.get_u64(&self.ks.marks, &key)? {
                 continue;
             }
+            // Former members hear nothing more from the group, receipts included.
+            let members: Vec<Arc<str>> = match self.conv(&conv)? {
+                Some(c) => senders
+                    .iter()
+                    .filter(|s| c.members.contains_key(s.as_str()))
+                    .map(|s| Arc::from(s.as_str()))
+                    .collect(),
+                None => Vec::new(),
+            };
             self.put_u64(&self.ks.marks.clone(), key, max_seq, batch);
             let receipt = receipt(&conv, user, ReceiptKind::Delivered, max_seq);
-            for sender in senders {
-                self.append_inbox(&Arc::from(sender), receipt.clone(), batch)?;
+            for sender in &members {
+                self.append_inbox(sender, receipt.clone(), batch)?;
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tern_protocol::ErrorCode;
+use tern_protocol::pb;
 
 pub use writer::{Durability, GroupOp, SendOutcome, Target, WriterHandle};
 
@@ -102,6 +103,17 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
     }
+}
+
+/// Most members listed in a `Conversation` response; the rest are counted only.
+pub const MAX_LISTED_MEMBERS: usize = 1000;
+
+/// Lists at most [`MAX_LISTED_MEMBERS`] of `conv`'s members, in id order, and counts them all.
+pub(crate) fn cap_members(conv: &mut pb::Conversation) {
+    conv.members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    conv.member_count = u32::try_from(conv.members.len()).unwrap_or(u32::MAX);
+    conv.members_truncated = conv.members.len() > MAX_LISTED_MEMBERS;
+    conv.members.truncate(MAX_LISTED_MEMBERS);
 }
 
 /// Limits the store enforces.

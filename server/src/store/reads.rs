@@ -101,17 +101,25 @@ impl Store {
             .get(id)?
             .ok_or_else(|| StoreError::NotFound(format!("conversation {id}")))?;
         let mut conv = pb::Conversation::decode(&*meta)?;
+        conv.members = self.members(id)?;
+        super::cap_members(&mut conv);
+        conv.last_seq = self.conversation_head(id)?;
+        Ok(conv)
+    }
+
+    /// Every member of a conversation (for fan-out; responses list at most 1,000).
+    pub fn members(&self, id: &str) -> Result<Vec<pb::Member>, StoreError> {
+        let mut members = Vec::new();
         for guard in self.ks.members.prefix(prefix(id)) {
             let (key, value) = guard.into_inner()?;
             if let Some(user) = keys::second_of(&key, id) {
-                conv.members.push(pb::Member {
+                members.push(pb::Member {
                     user_id: user.to_owned(),
                     role: i32::from(value.first().copied().unwrap_or(1)),
                 });
             }
         }
-        conv.last_seq = self.conversation_head(id)?;
-        Ok(conv)
+        Ok(members)
     }
 
     /// The conversations `user` is a member of.

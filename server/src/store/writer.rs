@@ -248,7 +248,7 @@ pub(super) struct Conv {
 
 impl Conv {
     pub fn to_pb(&self) -> pb::Conversation {
-        let mut members: Vec<pb::Member> = self
+        let members = self
             .members
             .iter()
             .map(|(user, role)| pb::Member {
@@ -256,8 +256,7 @@ impl Conv {
                 role: *role as i32,
             })
             .collect();
-        members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-        pb::Conversation {
+        let mut conv = pb::Conversation {
             conversation_id: self.id.to_string(),
             kind: self.kind as i32,
             name: self.name.clone(),
@@ -265,7 +264,11 @@ impl Conv {
             last_seq: self.last_seq,
             created_at_ms: self.created_at_ms,
             dissolved: self.dissolved,
-        }
+            member_count: 0,
+            members_truncated: false,
+        };
+        super::cap_members(&mut conv);
+        conv
     }
 
     /// What `conv_meta` stores: no members, no last_seq (those have their own keys).
@@ -278,6 +281,8 @@ impl Conv {
             last_seq: 0,
             created_at_ms: self.created_at_ms,
             dissolved: self.dissolved,
+            member_count: 0,
+            members_truncated: false,
         }
         .encode_to_vec()
     }
@@ -330,9 +335,11 @@ impl Writer {
             self.published
                 .commands
                 .fetch_add(commands, std::sync::atomic::Ordering::Relaxed);
+            let wrote = !batch.is_empty();
             let result = batch.commit().and_then(|()| match self.limits.durability {
-                Durability::Sync => self.db.persist(PersistMode::SyncAll),
-                Durability::Buffered => Ok(()),
+                // A group of no-ops (repeated acks, refused sends) needs no fsync.
+                Durability::Sync if wrote => self.db.persist(PersistMode::SyncAll),
+                _ => Ok(()),
             });
             let group = std::mem::take(&mut self.group);
             match result {
@@ -565,10 +572,19 @@ impl Writer {
                 "{sender} is not a member of {conv_id}"
             )));
         }
+        let members: Vec<Arc<str>> = conv.members.keys().cloned().collect();
+        // Load everything that can fail before changing anything: a failed send must leave
+        // no partial write (and no sequence gap) behind.
+        for member in &members {
+            self.inbox_head(member)?;
+        }
+        let conv = self
+            .convs
+            .get_mut(conv_id.as_str())
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {conv_id}")))?;
         conv.last_seq += 1;
         let seq = conv.last_seq;
         let conv_arc = conv.id.clone();
-        let members: Vec<Arc<str>> = conv.members.keys().cloned().collect();
         self.group.touched_convs.insert(conv_arc);
 
         let message = pb::Message {
@@ -602,8 +618,13 @@ impl Writer {
                 sender_inbox_seq = inbox_seq;
             }
         }
+        // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.
         let outcome = SendOutcome {
-            message,
+            message: pb::Message {
+                text: String::new(),
+                payload: Vec::new(),
+                ..message
+            },
             duplicate: false,
             sender_inbox_seq,
         };
@@ -656,8 +677,13 @@ impl Writer {
             .log
             .get(seq_key(&conv, seq))?
             .ok_or_else(|| StoreError::NotFound(format!("message {conv}/{seq}")))?;
+        let stored = pb::Message::decode(&*stored)?;
         Ok(Some(SendOutcome {
-            message: pb::Message::decode(&*stored)?,
+            message: pb::Message {
+                text: String::new(),
+                payload: Vec::new(),
+                ..stored
+            },
             duplicate: true,
             sender_inbox_seq,
         }))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tern_client::{Client, ClientConfig, Event, Trust};
 use tern_server::{Config, ServerState};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -71,7 +71,7 @@ impl TestServer {
         config
     }
 
-    pub async fn connect(&self, user: &str, device: &str) -> (Client, mpsc::Receiver<Event>) {
+    pub async fn connect(&self, user: &str, device: &str) -> (Client, tern_client::Events) {
         Client::connect(self.config(&self.token(user, device)))
             .await
             .unwrap()
@@ -88,7 +88,7 @@ impl TestServer {
 }
 
 /// Waits for the next event, failing the test after `secs`.
-pub async fn next_event(events: &mut mpsc::Receiver<Event>, secs: u64) -> Event {
+pub async fn next_event(events: &mut tern_client::Events, secs: u64) -> Event {
     tokio::time::timeout(Duration::from_secs(secs), events.recv())
         .await
         .expect("timed out waiting for an event")
@@ -97,7 +97,7 @@ pub async fn next_event(events: &mut mpsc::Receiver<Event>, secs: u64) -> Event 
 
 /// The next "reconnecting" or "disconnected" state, skipping other events.
 pub async fn next_loss(
-    events: &mut mpsc::Receiver<Event>,
+    events: &mut tern_client::Events,
     secs: u64,
 ) -> tern_client::ConnectionState {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
@@ -118,7 +118,7 @@ pub async fn next_loss(
 
 /// Waits for the next event `pick` accepts, skipping others, failing after `secs`.
 pub async fn wait_for<T>(
-    events: &mut mpsc::Receiver<Event>,
+    events: &mut tern_client::Events,
     secs: u64,
     mut pick: impl FnMut(Event) -> Option<T>,
 ) -> T {
