@@ -41,6 +41,8 @@ pub enum StoreError {
     Corrupt(#[from] prost::DecodeError),
     #[error("stored record is corrupt: {0}")]
     CorruptRecord(&'static str),
+    #[error("storage failed earlier; the server refuses writes until it is restarted")]
+    Failed,
     #[error("storage writer has stopped")]
     WriterGone,
 }
@@ -56,6 +58,7 @@ impl StoreError {
             StoreError::Storage(_)
             | StoreError::Corrupt(_)
             | StoreError::CorruptRecord(_)
+            | StoreError::Failed
             | StoreError::WriterGone => ErrorCode::Internal,
         }
     }

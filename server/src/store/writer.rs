@@ -110,6 +110,25 @@ pub(super) enum Command {
     },
 }
 
+impl Command {
+    /// Answers with the storage failure, without doing anything.
+    fn refuse(self) {
+        let error = || StoreError::Failed;
+        match self {
+            Command::Send { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Group { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::MarkRead { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Ack { .. } => {}
+        }
+    }
+}
+
 /// Cheap to clone; every session holds one.
 #[derive(Debug, Clone)]
 pub struct WriterHandle {
@@ -226,6 +245,7 @@ pub(super) fn spawn(
         convs: HashMap::new(),
         inbox_heads: HashMap::new(),
         group: Group::default(),
+        failed: false,
     };
     std::thread::Builder::new()
         .name("tern-store-writer".into())
@@ -312,6 +332,8 @@ pub(super) struct Writer {
     pub convs: HashMap<Arc<str>, Conv>,
     pub inbox_heads: HashMap<Arc<str>, u64>,
     pub group: Group,
+    /// A commit failed: every later command is refused.
+    pub failed: bool,
 }
 
 impl Writer {
@@ -360,20 +382,26 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    error!(error = %e, "storage commit failed; the group's commands are refused");
-                    // The caches ran ahead of the disk: forget them, they reload from disk.
-                    self.convs.clear();
-                    self.inbox_heads.clear();
+                    // What reached the disk is unknown (a commit may have landed without its
+                    // fsync), so nothing read back could be trusted as durable. Refuse every
+                    // write from now on; the operator restarts the server, and recovery from
+                    // the journal decides what survived.
+                    error!(error = %e, "storage commit failed; refusing all further writes");
                     let reason = e.to_string();
                     for reply in group.replies {
                         reply(Some(&reason));
                     }
+                    self.failed = true;
                 }
             }
         }
     }
 
     fn apply(&mut self, command: Command, batch: &mut WriteBatch) {
+        if self.failed {
+            command.refuse();
+            return;
+        }
         match command {
             Command::Send {
                 sender,
