@@ -204,6 +204,14 @@ impl Events {
         Ok(event)
     }
 
+    /// Blocking [`Events::recv`], for a thread outside any async runtime (the FFI's listener
+    /// thread). Panics if called from within an async runtime.
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        let event = self.rx.blocking_recv()?;
+        self.taken(&event);
+        Some(event)
+    }
+
     fn taken(&self, event: &Event) {
         if let Some(seq) = event.inbox_seq() {
             lock(&self.inbox).consumed(seq);
@@ -470,7 +478,20 @@ impl Client {
 
     /// Acknowledges what was received, then closes the session gracefully.
     pub async fn close(self) {
+        self.disconnect().await;
+    }
+
+    /// [`Client::close`] for a client that is shared (the FFI holds it in an `Arc`): every
+    /// later call fails with [`ClientError::Closed`].
+    pub async fn disconnect(&self) {
         self.supervisor.abort();
+        let _ = self
+            .inner
+            .events
+            .try_send(Event::Connection(ConnectionState::Disconnected {
+                code: Some(ErrorCode::Ok),
+                reason: "closed by the app".into(),
+            }));
         if let Ok(link) = self.inner.current() {
             // A ping after the ack: the server reads the control stream in order, so its pong
             // proves the ack arrived before the connection is closed (closing discards data in

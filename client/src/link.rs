@@ -267,33 +267,27 @@ async fn serve(inner: &Arc<Inner>, established: Established) -> ClientError {
     // Held from before the push readers start until the first sync has reported its
     // entries, so no push of this link can be reported ahead of them.
     let gate = inner.sync_gate.clone().write_owned().await;
-    let mut tasks = vec![
-        tokio::spawn(control_reader(control, link.clone(), inner.clone())),
-        tokio::spawn(messaging::accept_pushes(link.clone(), inner.clone())),
-        tokio::spawn(messaging::reap_idle_streams(
-            link.clone(),
-            inner.config.transport.conversation_idle,
-        )),
-        tokio::spawn(crate::datagrams::read_datagrams(
-            link.clone(),
-            inner.clone(),
-        )),
-        tokio::spawn(crate::datagrams::heartbeats(link.clone(), inner.clone())),
-    ];
+    // A JoinSet aborts its tasks when dropped: also when this future is dropped because the
+    // app closed or dropped the client, so no task outlives the client holding its state.
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(control_reader(control, link.clone(), inner.clone()));
+    tasks.spawn(messaging::accept_pushes(link.clone(), inner.clone()));
+    tasks.spawn(messaging::reap_idle_streams(
+        link.clone(),
+        inner.config.transport.conversation_idle,
+    ));
+    tasks.spawn(crate::datagrams::read_datagrams(
+        link.clone(),
+        inner.clone(),
+    ));
+    tasks.spawn(crate::datagrams::heartbeats(link.clone(), inner.clone()));
     if inner.config.auto_sync {
-        tasks.push(tokio::spawn(keep_in_sync(
-            link.clone(),
-            inner.clone(),
-            early_sync,
-            gate,
-        )));
+        tasks.spawn(keep_in_sync(link.clone(), inner.clone(), early_sync, gate));
     } else {
         drop(gate);
     }
     let reason = ClientError::from(link.conn.closed().await);
-    for task in tasks {
-        task.abort();
-    }
+    tasks.abort_all();
     lock(&inner.pending_pings).clear();
     reason
 }
