@@ -30,3 +30,6 @@ fi
 
 step "QUIC interop (aioquic)"
 python3 tests/interop/quic_interop.py "${CARGO_TARGET_DIR:-target}/debug/tern-server"
+
+step "mobile bindings: Kotlin (JVM) and Python suites against a real server"
+ffi/tests/run.sh
