@@ -92,16 +92,19 @@ async fn conversation_stream(
     open: pb::OpenConversation,
 ) {
     let max = state.config.max_frame_bytes as usize;
-    let target = if !open.conversation_id.is_empty() {
+    // `None`: a multiplexed stream (benchmark only), where each send names its target.
+    let target = if open.multiplexed {
+        None
+    } else if !open.conversation_id.is_empty() {
         if let Err(e) = state
             .store
             .check_member(&open.conversation_id, &session.user)
         {
             return refuse(&mut send, &mut reader, e.code(), &e.to_string(), max).await;
         }
-        Target::Conversation(open.conversation_id)
+        Some(Target::Conversation(open.conversation_id))
     } else if !open.direct_peer.is_empty() {
-        Target::Direct(open.direct_peer)
+        Some(Target::Direct(open.direct_peer))
     } else {
         return refuse(
             &mut send,
@@ -155,17 +158,30 @@ async fn conversation_stream(
                 }
             };
             let client_message_id = msg.client_message_id.clone();
-            let rx = match writer
-                .send_pipelined(
-                    session.user.clone(),
-                    session.device.clone(),
-                    target.clone(),
-                    msg,
-                )
-                .await
-            {
-                Ok(rx) => rx,
-                Err(_) => break,
+            // The writer checks membership, so a per-message target needs no check here.
+            let this_target = match &target {
+                Some(target) => Ok(target.clone()),
+                None => multiplexed_target(&msg),
+            };
+            let rx = match this_target {
+                Ok(this_target) => match writer
+                    .send_pipelined(
+                        session.user.clone(),
+                        session.device.clone(),
+                        this_target,
+                        msg,
+                    )
+                    .await
+                {
+                    Ok(rx) => rx,
+                    Err(_) => break,
+                },
+                Err(e) => {
+                    // Answered in order, like any other send's error.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Err(e));
+                    rx
+                }
             };
             if ack_tx.send((client_message_id, rx)).await.is_err() {
                 break;
@@ -173,6 +189,18 @@ async fn conversation_stream(
         }
     };
     tokio::join!(acks, reads);
+}
+
+/// The target a send on a multiplexed stream names.
+fn multiplexed_target(msg: &pb::SendMessage) -> Result<Target, StoreError> {
+    match (msg.conversation_id.is_empty(), msg.direct_peer.is_empty()) {
+        (false, true) => Ok(Target::Conversation(msg.conversation_id.clone())),
+        (true, false) => Ok(Target::Direct(msg.direct_peer.clone())),
+        _ => Err(StoreError::InvalidArgument(
+            "a send on a multiplexed stream needs exactly one of conversation_id, direct_peer"
+                .into(),
+        )),
+    }
 }
 
 /// Serves one request; its responses are written to `send`.
