@@ -148,11 +148,15 @@ pub struct ConnectionsArgs {
     #[arg(long, default_value_t = 128)]
     pub concurrency: usize,
     /// Connections per client UDP socket.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 250)]
     pub per_endpoint: usize,
     /// Seconds to hold the idle connections before measuring RSS.
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
+    /// Connect to the relay-baseline forwarder instead of tern: what quinn with tern's
+    /// transport settings costs alone, to tell it apart from tern's own state.
+    #[arg(long)]
+    pub forwarder: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -83,7 +83,10 @@ async fn open_inner(
     let mut control = Reader::new(recv);
     match control.server().await {
         Some(server_frame::Body::Welcome(_)) => {}
-        other => bail!("expected Welcome, got {other:?}"),
+        other => bail!(
+            "expected Welcome, got {other:?} (connection: {:?})",
+            conn.close_reason()
+        ),
     }
     let (mut req_send, req_recv) = conn.open_bi().await?;
     let sync = client_frame::Body::Request(pb::Request {

@@ -6,6 +6,11 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tern_bench::{Cli, Scenario};
 
+/// The allocator tern-server uses, so that the forwarder (this binary) and tern compare on
+/// equal terms, and the clients cost the same in both runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

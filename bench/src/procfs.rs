@@ -17,3 +17,13 @@ pub fn open_fds(pid: u32) -> Option<u64> {
 pub fn self_rss_kb() -> Option<u64> {
     rss_kb(std::process::id())
 }
+
+/// UDP datagrams the kernel dropped for a full receive buffer, machine-wide
+/// (`RcvbufErrors` in /proc/net/snmp).
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let column = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(column)?.parse().ok()
+}

@@ -62,6 +62,19 @@ pub struct Sent {
     pub ack_latency: Histogram<u64>,
 }
 
+impl Sent {
+    /// Nothing sent yet, starting now.
+    pub fn nothing() -> Self {
+        Self {
+            acked: 0,
+            errors: 0,
+            expected: 0,
+            started: Instant::now(),
+            ack_latency: probe::histogram(),
+        }
+    }
+}
+
 /// Runs `plan` over `flows` and returns when every send has been answered.
 pub async fn send(flows: &[Flow], plan: Plan) -> Sent {
     let started = Instant::now();

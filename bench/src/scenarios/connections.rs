@@ -24,9 +24,20 @@ const DEFAULT_CLIENTS: usize = 10_000;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Sends in flight while giving every offline user its message.
 const FILL_CONCURRENCY: usize = 64;
+/// Attempts per session. Like tern-client, a lean client whose attempt fails (a handshake
+/// packet dropped at a full socket buffer, the server's auth timeout in a storm) tries again
+/// after a full-jitter backoff; failed attempts are reported, never hidden.
+const ATTEMPTS: u32 = 6;
+/// First backoff ceiling (tern-client's default); doubles per attempt.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
 
 pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outcome> {
-    let server = Server::start(Kind::Tern, &common.server_options())?;
+    let kind = if args.forwarder {
+        Kind::Forwarder
+    } else {
+        Kind::Tern
+    };
+    let server = Server::start(kind, &common.server_options())?;
     let n = common.clients_or(DEFAULT_CLIENTS);
     let users = super::users("c", n);
     let tokens = users
@@ -56,11 +67,12 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.rss_kb();
+    let drops_before = crate::procfs::udp_rcvbuf_errors();
 
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
-    let (sessions, connect_latency) =
-        open_all(&server, &tokens, &endpoint_of, Some(gate), 0).await?;
+    let (sessions, connect_latency, connect_retries) =
+        open_all(&server, &tokens, &endpoint_of, Some(gate)).await?;
     let connect_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(probe::secs(args.settle)).await;
     let rss_after = server.rss_kb();
@@ -71,6 +83,20 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     };
     tracing::info!(n, connect_secs, ?per_conn, "idle connections open");
 
+    if args.forwarder {
+        // The forwarder stores nothing, so there is no storm to check: RSS only.
+        let summary = Summary::of(&Sent::nothing(), &Tracker::default());
+        let mut json = summary.json("connections", rss_after);
+        json.insert("connections".into(), json!(n));
+        json.insert("server_rss_kb_before".into(), json!(rss_before));
+        json.insert("server_rss_kb_per_conn".into(), json!(per_conn.map(round)));
+        json.insert("server".into(), json!("relay-baseline forwarder"));
+        drop((sessions, warmup));
+        return Ok(Outcome {
+            json,
+            plots: Vec::new(),
+        });
+    }
     // The storm: everyone offline, a message for each, everyone back at once.
     for session in &sessions {
         session.conn.close(0u32.into(), b"storm");
@@ -79,7 +105,9 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent = fill_inboxes(&server, &users).await?;
     let storm_started = Instant::now();
-    let (storm, storm_latency) = open_all(&server, &tokens, &endpoint_of, None, 0).await?;
+    let (storm, storm_latency, storm_retries) =
+        open_all(&server, &tokens, &endpoint_of, None).await?;
+    let drops_after = crate::procfs::udp_rcvbuf_errors();
     let storm_secs = storm_started.elapsed().as_secs_f64();
     let mut seen = Tracker::default();
     for (i, session) in storm.iter().enumerate() {
@@ -107,7 +135,17 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     json.insert("server_rss_kb_before".into(), json!(rss_before));
     json.insert("server_rss_kb_per_conn".into(), json!(per_conn.map(round)));
     json.insert("server_fds".into(), json!(fds));
+    json.insert("connect_retries".into(), json!(connect_retries));
     json.insert("storm_secs".into(), json!(round(storm_secs)));
+    json.insert("storm_retries".into(), json!(storm_retries));
+    json.insert(
+        "udp_rcvbuf_errors".into(),
+        json!(
+            drops_after
+                .zip(drops_before)
+                .map(|(a, b)| a.saturating_sub(b))
+        ),
+    );
     json.insert(
         "storm_reconnects_per_s".into(),
         ratio(storm.len() as f64, storm_secs),
@@ -130,15 +168,15 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     })
 }
 
-/// Opens a session per token (at most `gate` at a time, else all at once); returns them in
-/// token order with the distribution of their open times.
+/// Opens a session per token (at most `gate` at a time, else all at once), each syncing from
+/// the start of its inbox; returns them in token order, the distribution of their open times
+/// (retries included) and the number of failed attempts.
 async fn open_all<'a>(
     server: &Server,
     tokens: &[String],
     endpoint_of: &impl Fn(usize) -> &'a quinn::Endpoint,
     gate: Option<Arc<Semaphore>>,
-    since: u64,
-) -> anyhow::Result<(Vec<lean::Session>, hdrhistogram::Histogram<u64>)> {
+) -> anyhow::Result<(Vec<lean::Session>, hdrhistogram::Histogram<u64>, u64)> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, token) in tokens.iter().enumerate() {
         let (endpoint, token, gate) = (endpoint_of(i).clone(), token.clone(), gate.clone());
@@ -149,19 +187,33 @@ async fn open_all<'a>(
                 None => None,
             };
             let start = Instant::now();
-            let session = lean::open(&endpoint, addr, &token, since, OPEN_TIMEOUT).await;
-            (i, session, start.elapsed())
+            let mut failed = 0;
+            let session = loop {
+                match lean::open(&endpoint, addr, &token, 0, OPEN_TIMEOUT).await {
+                    Ok(session) => break Ok(session),
+                    Err(e) if failed + 1 >= ATTEMPTS => break Err(e),
+                    Err(e) => {
+                        tracing::debug!(i, error = %e, "attempt failed");
+                        let ceiling = BACKOFF_BASE * 2u32.pow(failed);
+                        failed += 1;
+                        tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
+                    }
+                }
+            };
+            (i, session, start.elapsed(), failed)
         });
     }
     let mut sessions: Vec<Option<lean::Session>> = (0..tokens.len()).map(|_| None).collect();
     let mut latency = probe::histogram();
+    let mut retries = 0;
     while let Some(joined) = tasks.join_next().await {
-        let (i, session, took) = joined?;
+        let (i, session, took, failed) = joined?;
         sessions[i] = Some(session.with_context(|| format!("session {i}"))?);
         probe::record(&mut latency, took.as_micros() as u64);
+        retries += u64::from(failed);
     }
     let sessions = sessions.into_iter().flatten().collect();
-    Ok((sessions, latency))
+    Ok((sessions, latency, retries))
 }
 
 /// Sends message 0 of flow `i` to `users[i]`, for every user.
@@ -196,13 +248,8 @@ async fn fill_inboxes(server: &Server, users: &[String]) -> anyhow::Result<Sent>
             (ok, hist)
         });
     }
-    let mut sent = Sent {
-        acked: 0,
-        errors: 0,
-        expected: 0,
-        started,
-        ack_latency: probe::histogram(),
-    };
+    let mut sent = Sent::nothing();
+    sent.started = started;
     while let Some(joined) = tasks.join_next().await {
         let (ok, hist) = joined?;
         if ok {
