@@ -86,10 +86,7 @@ impl Drop for Server {
                     let _ = thread.join();
                 }
             }
-            Running::Child(child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            Running::Child(child) => stop_child(child),
             Running::External => {}
         }
     }
@@ -167,6 +164,26 @@ impl Server {
     pub fn open_fds(&self) -> Option<u64> {
         crate::procfs::open_fds(self.pid()?)
     }
+}
+
+/// SIGTERM (the server closes its sessions and exits), then SIGKILL after a grace period.
+fn stop_child(child: &mut Child) {
+    let terminated = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    if terminated {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Tests run in-process: the binary next to a test executable may be stale or absent.
