@@ -194,6 +194,9 @@ pub struct HolArgs {
     /// Seed of the relay's loss decisions (the same for both modes).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Send A and B to the same device (by default B goes to a third user).
+    #[arg(long)]
+    pub same_recipient: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,7 +3,12 @@
 //! in conversation B; the figure is B's latency, sender to recipient. Run twice on one server,
 //! with fresh users and the same relay seed: once as tern sends (a stream per conversation),
 //! once with the sender's client forced onto one stream for every conversation (the switch
-//! exists for this comparison only). Both users connect through the relay.
+//! exists for this comparison only). Every user connects through the relay.
+//!
+//! The switch changes the sender's uploads only (the server pushes one stream per
+//! conversation either way), so by default A and B go to different recipients and B's
+//! latency shows what the sender's streams do. `--same-recipient` sends both to one device,
+//! which adds that device's receive path to B's latency.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,6 +86,7 @@ pub async fn run(common: &Common, args: &HolArgs) -> anyhow::Result<Outcome> {
         json!(single.small.len()),
     );
     json.insert("loss".into(), json!(args.loss));
+    json.insert("same_recipient".into(), json!(args.same_recipient));
     json.insert("delay_ms".into(), json!(args.delay_ms));
     json.insert("bulk_size".into(), json!(args.bulk_size));
     json.insert(
@@ -133,7 +139,11 @@ async fn mode(
     })
     .await?;
     let tag = if single { "single" } else { "streams" };
-    let users = [format!("hol-{tag}-a"), format!("hol-{tag}-b")];
+    let users = [
+        format!("hol-{tag}-sender"),
+        format!("hol-{tag}-bulk"),
+        format!("hol-{tag}-chat"),
+    ];
     let relay_addr = relay.local_addr().to_string();
     // Own sockets: the relay gives each client address its own path to the server.
     let pool = clients::connect_all(server, &users, PoolOptions { per_endpoint: 0 }, |c| {
@@ -143,8 +153,17 @@ async fn mode(
     .await?;
     let mut pool = pool.into_iter();
     let (sender, _sender_events) = pool.next().context("sender")?;
-    let (recipient, recipient_events) = pool.next().context("recipient")?;
-    let group = sender.create_group("hol-b", &users[1..]).await?;
+    let (bulk_recipient, bulk_events) = pool.next().context("bulk recipient")?;
+    let (chat_recipient, chat_events) = pool.next().context("chat recipient")?;
+    let chat_peer = if args.same_recipient {
+        &users[1]
+    } else {
+        &users[2]
+    };
+    // B is a group, so that with --same-recipient it is still a second conversation.
+    let group = sender
+        .create_group("hol-b", std::slice::from_ref(chat_peer))
+        .await?;
 
     let small = Arc::new(Mutex::new(probe::histogram()));
     let hook: OnDelivery = {
@@ -158,7 +177,7 @@ async fn mode(
             }
         })
     };
-    let receivers = Receivers::spawn(vec![recipient_events], Some(hook));
+    let receivers = Receivers::spawn(vec![bulk_events, chat_events], Some(hook));
     let duration = common.duration_or(DEFAULT_SECS);
     let bulk = Flow {
         id: BULK,
@@ -201,7 +220,7 @@ async fn mode(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let stats = relay.stats();
-    drop((bulk, chat, recipient));
+    drop((bulk, chat, bulk_recipient, chat_recipient));
     if let Ok(sender) = Arc::try_unwrap(sender) {
         sender.close().await;
     }
