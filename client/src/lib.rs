@@ -42,6 +42,16 @@ pub use messaging::{SendTarget, SentMessage, SyncResult};
 pub use tern_protocol;
 pub use transport::{TransportSettings, Trust};
 
+/// The quinn client configuration (TLS trust, ALPN, transport settings) a [`Client`] uses,
+/// for callers that bring their own endpoint ([`Client::connect_on`]).
+#[doc(hidden)]
+pub fn quinn_client_config(
+    trust: &Trust,
+    settings: &TransportSettings,
+) -> Result<quinn::ClientConfig, ClientError> {
+    transport::client_config(trust, settings)
+}
+
 /// Capacity of the event channel. When the app does not drain it, the client stops reading
 /// pushes (flow control back to the server) rather than buffering without bound.
 const EVENT_CAPACITY: usize = 1024;
@@ -70,6 +80,11 @@ pub struct ClientConfig {
     /// Start in the background (no presence or typing datagrams, no heartbeats).
     pub background: bool,
     pub transport: TransportSettings,
+    /// Benchmark only: send every conversation on one QUIC stream, as a TCP-style client
+    /// would, so `tern-bench hol` can measure what stream-per-conversation saves. Needs a
+    /// server that accepts `OpenConversation.multiplexed`. Never set this in an app.
+    #[doc(hidden)]
+    pub single_stream_for_bench: bool,
 }
 
 impl ClientConfig {
@@ -85,6 +100,7 @@ impl ClientConfig {
             auto_reconnect: true,
             background: false,
             transport: TransportSettings::default(),
+            single_stream_for_bench: false,
         }
     }
 }
@@ -231,6 +247,8 @@ pub(crate) enum LinkState {
 pub(crate) struct Inner {
     pub config: ClientConfig,
     pub endpoint: quinn::Endpoint,
+    /// The endpoint was given by the caller and carries other clients' connections too.
+    pub shared_endpoint: bool,
     pub max_frame: usize,
     pub events: mpsc::Sender<Event>,
     pub link: watch::Sender<LinkState>,
@@ -310,9 +328,39 @@ impl Client {
         Ok((endpoint, conn))
     }
 
+    /// Like [`Client::connect`], but on `endpoint`, which many clients may share (a load
+    /// generator runs thousands of sessions over a few UDP sockets). The endpoint needs a
+    /// default client configuration, e.g. from [`quinn_client_config`].
+    /// [`Client::network_changed`] on such a client rebinds the shared socket, moving every
+    /// connection on it.
+    #[doc(hidden)]
+    pub async fn connect_on(
+        endpoint: quinn::Endpoint,
+        config: ClientConfig,
+    ) -> Result<(Self, Events), ClientError> {
+        let timeout = config.transport.connect_timeout;
+        tokio::time::timeout(timeout, Self::connect_with(config, Some(endpoint)))
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
     async fn connect_inner(config: ClientConfig) -> Result<(Self, Events), ClientError> {
-        let (addr, _) = transport::resolve(&config.server, config.server_name.as_deref()).await?;
-        let endpoint = transport::endpoint(addr, &config.trust, &config.transport)?;
+        Self::connect_with(config, None).await
+    }
+
+    async fn connect_with(
+        config: ClientConfig,
+        shared: Option<quinn::Endpoint>,
+    ) -> Result<(Self, Events), ClientError> {
+        let shared_endpoint = shared.is_some();
+        let endpoint = match shared {
+            Some(endpoint) => endpoint,
+            None => {
+                let (addr, _) =
+                    transport::resolve(&config.server, config.server_name.as_deref()).await?;
+                transport::endpoint(addr, &config.trust, &config.transport)?
+            }
+        };
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
         let _ = events_tx.try_send(Event::Connection(ConnectionState::Connecting));
         let first = link::establish(&endpoint, &config, config.resume_from.unwrap_or(0)).await?;
@@ -322,6 +370,7 @@ impl Client {
         let inner = Arc::new(Inner {
             max_frame: tern_protocol::DEFAULT_MAX_FRAME_BYTES,
             endpoint,
+            shared_endpoint,
             events: events_tx,
             link: watch::Sender::new(LinkState::Down),
             last_link: Mutex::new(None),
@@ -504,7 +553,10 @@ impl Client {
         self.inner
             .link
             .send_replace(LinkState::Closed(ClientError::Closed));
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        if !self.inner.shared_endpoint {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        }
     }
 }
 

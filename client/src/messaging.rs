@@ -100,7 +100,7 @@ impl Client {
             pb::SendMessage {
                 client_message_id,
                 text: text.to_owned(),
-                payload: Vec::new(),
+                ..Default::default()
             },
         )
         .await
@@ -116,6 +116,13 @@ impl Client {
     ) -> Result<SentMessage, ClientError> {
         if msg.client_message_id.is_empty() {
             msg.client_message_id = random_id();
+        }
+        if self.inner.config.single_stream_for_bench {
+            // One stream for every conversation: each send names its target.
+            match &target {
+                SendTarget::Conversation(id) => msg.conversation_id.clone_from(id),
+                SendTarget::User(peer) => msg.direct_peer.clone_from(peer),
+            }
         }
         let client_message_id = msg.client_message_id.clone();
         let _sending = Sending::new(&self.inner, &client_message_id);
@@ -171,7 +178,10 @@ impl Client {
             lock(&stream.pending).push_back(tx);
             if let Err(e) = send.write_chunk(bytes.clone()).await {
                 drop(guard);
-                link.conversations.lock().await.remove(&key(target));
+                link.conversations
+                    .lock()
+                    .await
+                    .remove(&stream_key(&self.inner, target));
                 return Err(e.into());
             }
             break rx;
@@ -344,20 +354,25 @@ async fn conversation_stream(
     link: &Arc<Link>,
     target: &SendTarget,
 ) -> Result<Arc<ConversationStream>, ClientError> {
-    if let Some(stream) = link.conversations.lock().await.get(&key(target)) {
+    let key = stream_key(inner, target);
+    if let Some(stream) = link.conversations.lock().await.get(&key) {
         return Ok(stream.clone());
     }
     // Not holding the map lock here: opening may wait for stream credit, which the idle
     // reaper (which needs the map) frees.
     let (mut send, recv) = link.conn.open_bi().await?;
     let open = match target {
+        _ if inner.config.single_stream_for_bench => pb::OpenConversation {
+            multiplexed: true,
+            ..Default::default()
+        },
         SendTarget::Conversation(id) => pb::OpenConversation {
             conversation_id: id.clone(),
-            direct_peer: String::new(),
+            ..Default::default()
         },
         SendTarget::User(peer) => pb::OpenConversation {
-            conversation_id: String::new(),
             direct_peer: peer.clone(),
+            ..Default::default()
         },
     };
     let frame = ClientFrame {
@@ -372,20 +387,20 @@ async fn conversation_stream(
         last_used: Mutex::new(Instant::now()),
     });
     let mut streams = link.conversations.lock().await;
-    if let Some(existing) = streams.get(&key(target)) {
+    if let Some(existing) = streams.get(&key) {
         // Another send opened one meanwhile: use it, so the conversation keeps one stream.
         if let Some(mut ours) = stream.send.lock().await.take() {
             let _ = ours.finish();
         }
         return Ok(existing.clone());
     }
-    streams.insert(key(target), stream.clone());
+    streams.insert(key.clone(), stream.clone());
     drop(streams);
     tokio::spawn(read_acks(
         FrameReader::new(recv, inner.max_frame),
         pending,
         link.clone(),
-        key(target),
+        key,
     ));
     Ok(stream)
 }
@@ -521,7 +536,11 @@ fn unexpected(body: response::Body) -> ClientError {
     ClientError::Unexpected(format!("unexpected response {body:?}"))
 }
 
-fn key(target: &SendTarget) -> String {
+/// The key of the stream that carries sends to `target`.
+fn stream_key(inner: &Inner, target: &SendTarget) -> String {
+    if inner.config.single_stream_for_bench {
+        return "single".to_owned();
+    }
     match target {
         SendTarget::Conversation(id) => format!("c:{id}"),
         SendTarget::User(peer) => format!("u:{peer}"),

@@ -30,6 +30,8 @@ const CONVERSATION_QUEUE: usize = 128;
 const PUSH_STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Inbox entries the pusher reads at a time.
 const READ_BATCH: usize = 256;
+/// Most entries a push stream writes at once.
+const PUSH_BATCH: usize = 64;
 
 /// Where the store reports inbox growth.
 pub trait Delivery: Send + Sync + 'static {
@@ -125,13 +127,13 @@ pub async fn push_loop(state: Arc<ServerState>, session: Arc<Session>) {
     loop {
         let head = *heads.borrow_and_update();
         while pushed < head {
-            let Some(entries) = pusher.read(pushed) else {
+            let Some((entries, scanned)) = pusher.read(pushed) else {
                 break;
             };
             for entry in entries {
-                pushed = entry.inbox_seq;
                 pusher.route(entry);
             }
+            pushed = scanned;
         }
         tokio::select! {
             changed = heads.changed() => if changed.is_err() { return },
@@ -159,13 +161,16 @@ struct Pusher {
 }
 
 impl Pusher {
-    fn read(&self, after: u64) -> Option<Vec<pb::InboxEntry>> {
-        match self
-            .state
-            .store
-            .read_inbox(&self.session.user, after, READ_BATCH)
-        {
-            Ok(entries) if !entries.is_empty() => Some(entries),
+    /// The next entries after `after` for this device (its own sends left out) and the last
+    /// inbox sequence read; `None` when there is nothing new.
+    fn read(&self, after: u64) -> Option<(Vec<pb::InboxEntry>, u64)> {
+        match self.state.store.read_inbox_for(
+            &self.session.user,
+            Some(&self.session.device),
+            after,
+            READ_BATCH,
+        ) {
+            Ok((entries, scanned)) if scanned > after => Some((entries, scanned)),
             Ok(_) => None,
             Err(e) => {
                 debug!(error = %e, "push read failed; the device recovers by sync");
@@ -245,14 +250,13 @@ impl Pusher {
         };
         let mut after = from.saturating_sub(1);
         while after < pushed {
-            let Some(entries) = self.read(after) else {
+            let Some((entries, scanned)) = self.read(after) else {
                 return;
             };
             for entry in entries {
                 if entry.inbox_seq > pushed {
                     return;
                 }
-                after = entry.inbox_seq;
                 if conversation_of(&entry) == conversation {
                     self.route(entry);
                     if self.lagging.contains_key(conversation) {
@@ -260,6 +264,7 @@ impl Pusher {
                     }
                 }
             }
+            after = scanned;
         }
     }
 }
@@ -328,11 +333,27 @@ impl PushStream {
                     }
                 }
             };
-            let frame = ServerFrame {
-                body: Some(server_frame::Body::Entry((*entry).clone())),
-            };
-            if write_frame(&mut send, &frame, max).await.is_err() {
-                return Some(entry.inbox_seq);
+            // Everything already queued goes out in one write: one wake-up of the
+            // connection instead of one per entry when a busy conversation has a backlog.
+            let first_seq = entry.inbox_seq;
+            let mut bytes = bytes::BytesMut::new();
+            let mut next = Some(entry);
+            let mut batched = 0;
+            while let Some(entry) = next.take() {
+                let frame = ServerFrame {
+                    body: Some(server_frame::Body::Entry((*entry).clone())),
+                };
+                if tern_protocol::frame::encode_frame(&frame, max, &mut bytes).is_err() {
+                    tracing::error!(seq = entry.inbox_seq, "inbox entry too large for a frame");
+                    return Some(first_seq);
+                }
+                batched += 1;
+                if batched < PUSH_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if send.write_chunk(bytes.freeze()).await.is_err() {
+                return Some(first_seq);
             }
             if rx.is_empty() && self.overflowed.swap(false, Ordering::SeqCst) {
                 let _ = self.drained_tx.send((self.conversation.clone(), None));

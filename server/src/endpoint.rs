@@ -97,7 +97,7 @@ pub fn server_config(
     // rustls allows early data only with stateful resumption, so the server keeps sessions in
     // memory: per process (a restarted server, or another node, makes clients do a full
     // handshake). 20,000 entries of a few hundred bytes each cover this node's connections.
-    tls.send_tls13_tickets = 2;
+    tls.send_tls13_tickets = config.session_tickets;
     tls.session_storage = rustls::server::ServerSessionMemoryCache::new(20_000);
     tls.max_early_data_size = u32::MAX;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
@@ -120,6 +120,8 @@ fn transport_config(config: &Config) -> Result<TransportConfig, EndpointError> {
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     // The server does not keep connections alive: the phone decides when its radio wakes.
     transport.keep_alive_interval(None);
+    // See `Config::segmentation_offload`: memory per idle connection over batching.
+    transport.enable_segmentation_offload(config.segmentation_offload);
     Ok(transport)
 }
 

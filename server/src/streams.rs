@@ -16,6 +16,8 @@ use crate::store::{GroupOp, SendOutcome, StoreError, Target};
 
 /// Sends in flight on one conversation stream; beyond this the stream stops reading.
 const PIPELINE_DEPTH: usize = 256;
+/// Most acks written at once.
+const ACK_BATCH: usize = 64;
 /// Default sync page size, entries.
 const DEFAULT_SYNC_PAGE: usize = 200;
 /// Largest history page, messages.
@@ -92,16 +94,19 @@ async fn conversation_stream(
     open: pb::OpenConversation,
 ) {
     let max = state.config.max_frame_bytes as usize;
-    let target = if !open.conversation_id.is_empty() {
+    // `None`: a multiplexed stream (benchmark only), where each send names its target.
+    let target = if open.multiplexed {
+        None
+    } else if !open.conversation_id.is_empty() {
         if let Err(e) = state
             .store
             .check_member(&open.conversation_id, &session.user)
         {
             return refuse(&mut send, &mut reader, e.code(), &e.to_string(), max).await;
         }
-        Target::Conversation(open.conversation_id)
+        Some(Target::Conversation(open.conversation_id))
     } else if !open.direct_peer.is_empty() {
-        Target::Direct(open.direct_peer)
+        Some(Target::Direct(open.direct_peer))
     } else {
         return refuse(
             &mut send,
@@ -115,23 +120,37 @@ async fn conversation_stream(
 
     let (ack_tx, mut ack_rx) = mpsc::channel::<PendingAck>(PIPELINE_DEPTH);
     let acks = async move {
-        while let Some((client_message_id, rx)) = ack_rx.recv().await {
-            let frame = match rx.await {
-                Ok(Ok(outcome)) => ServerFrame {
-                    body: Some(server_frame::Body::SendAck(pb::SendAck {
-                        client_message_id,
-                        message_id: outcome.message.message_id,
-                        conversation_id: outcome.message.conversation_id,
-                        seq: outcome.message.seq,
-                        sent_at_ms: outcome.message.sent_at_ms,
-                        duplicate: outcome.duplicate,
-                        inbox_seq: outcome.sender_inbox_seq,
-                    })),
+        // An ack taken from the queue whose answer had not arrived yet.
+        let mut carried: Option<PendingAck> = None;
+        loop {
+            let (client_message_id, rx) = match carried.take() {
+                Some(pending) => pending,
+                None => match ack_rx.recv().await {
+                    Some(pending) => pending,
+                    None => break,
                 },
-                Ok(Err(e)) => error_frame(e.code(), e.to_string()),
-                Err(_) => error_frame(ErrorCode::Internal, "storage writer stopped"),
             };
-            if write_frame(&mut send, &frame, max).await.is_err() {
+            let mut bytes = bytes::BytesMut::new();
+            let mut frame = ack_frame(client_message_id, rx.await.ok());
+            // One group commit answers many sends at once: write every answer already here
+            // in one go, in order, instead of waking the connection once per ack.
+            for _ in 0..ACK_BATCH {
+                if tern_protocol::frame::encode_frame(&frame, max, &mut bytes).is_err() {
+                    return;
+                }
+                let Ok((client_message_id, mut rx)) = ack_rx.try_recv() else {
+                    break;
+                };
+                frame = match rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        carried = Some((client_message_id, rx));
+                        break;
+                    }
+                    Ok(result) => ack_frame(client_message_id, Some(result)),
+                    Err(oneshot::error::TryRecvError::Closed) => ack_frame(client_message_id, None),
+                };
+            }
+            if send.write_chunk(bytes.freeze()).await.is_err() {
                 return;
             }
         }
@@ -155,17 +174,30 @@ async fn conversation_stream(
                 }
             };
             let client_message_id = msg.client_message_id.clone();
-            let rx = match writer
-                .send_pipelined(
-                    session.user.clone(),
-                    session.device.clone(),
-                    target.clone(),
-                    msg,
-                )
-                .await
-            {
-                Ok(rx) => rx,
-                Err(_) => break,
+            // The writer checks membership, so a per-message target needs no check here.
+            let this_target = match &target {
+                Some(target) => Ok(target.clone()),
+                None => multiplexed_target(&msg),
+            };
+            let rx = match this_target {
+                Ok(this_target) => match writer
+                    .send_pipelined(
+                        session.user.clone(),
+                        session.device.clone(),
+                        this_target,
+                        msg,
+                    )
+                    .await
+                {
+                    Ok(rx) => rx,
+                    Err(_) => break,
+                },
+                Err(e) => {
+                    // Answered in order, like any other send's error.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Err(e));
+                    rx
+                }
             };
             if ack_tx.send((client_message_id, rx)).await.is_err() {
                 break;
@@ -173,6 +205,40 @@ async fn conversation_stream(
         }
     };
     tokio::join!(acks, reads);
+}
+
+/// The answer to one send: its `SendAck`, or an `Error` (`None`: the writer is gone).
+fn ack_frame(
+    client_message_id: String,
+    result: Option<Result<SendOutcome, StoreError>>,
+) -> ServerFrame {
+    match result {
+        Some(Ok(outcome)) => ServerFrame {
+            body: Some(server_frame::Body::SendAck(pb::SendAck {
+                client_message_id,
+                message_id: outcome.message.message_id,
+                conversation_id: outcome.message.conversation_id,
+                seq: outcome.message.seq,
+                sent_at_ms: outcome.message.sent_at_ms,
+                duplicate: outcome.duplicate,
+                inbox_seq: outcome.sender_inbox_seq,
+            })),
+        },
+        Some(Err(e)) => error_frame(e.code(), e.to_string()),
+        None => error_frame(ErrorCode::Internal, "storage writer stopped"),
+    }
+}
+
+/// The target a send on a multiplexed stream names.
+fn multiplexed_target(msg: &pb::SendMessage) -> Result<Target, StoreError> {
+    match (msg.conversation_id.is_empty(), msg.direct_peer.is_empty()) {
+        (false, true) => Ok(Target::Conversation(msg.conversation_id.clone())),
+        (true, false) => Ok(Target::Direct(msg.direct_peer.clone())),
+        _ => Err(StoreError::InvalidArgument(
+            "a send on a multiplexed stream needs exactly one of conversation_id, direct_peer"
+                .into(),
+        )),
+    }
 }
 
 /// Serves one request; its responses are written to `send`.

@@ -29,6 +29,20 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<pb::InboxEntry>, StoreError> {
+        Ok(self.read_inbox_for(user, None, after, limit)?.0)
+    }
+
+    /// Like [`Store::read_inbox`], but leaves out the messages `device` of `user` sent
+    /// itself, before resolving them from the log: the pusher never sends a device its own
+    /// messages, and in 1:1 traffic they are half of every inbox. Also returns the last
+    /// (durable) inbox sequence scanned, so the caller can move past entries left out.
+    pub fn read_inbox_for(
+        &self,
+        user: &str,
+        skip_own: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<pb::InboxEntry>, u64), StoreError> {
         let mut entries = Vec::new();
         let start = seq_key(user, after.saturating_add(1));
         let end = seq_key(user, u64::MAX);
@@ -39,13 +53,20 @@ impl Store {
         if let Some(head) = durable {
             entries.retain(|e| e.inbox_seq <= head);
         }
+        let scanned = entries.last().map_or(after, |e| e.inbox_seq);
+        if let Some(device) = skip_own {
+            entries.retain(|e| {
+                !matches!(&e.body, Some(pb::inbox_entry::Body::Message(m))
+                    if m.sender == user && m.sender_device == device)
+            });
+        }
         for entry in &mut entries {
             if let Some(pb::inbox_entry::Body::Message(reference)) = &entry.body {
                 let message = self.message(&reference.conversation_id, reference.seq)?;
                 entry.body = Some(pb::inbox_entry::Body::Message(message));
             }
         }
-        Ok(entries)
+        Ok((entries, scanned))
     }
 
     /// One stored message.

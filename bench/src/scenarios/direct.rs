@@ -1,0 +1,119 @@
+//! `direct` and `relay-baseline`: pairs of users in 1:1 conversations, both ways, flat out or
+//! at a rate, with durable acks. The same driver runs against tern and against the forwarder,
+//! so the ratio compares servers and nothing else.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tern_client::SendTarget;
+
+use crate::cli::{Common, DirectArgs};
+use crate::clients::{self, PoolOptions};
+use crate::output::{Outcome, Plot, Summary, ratio, round};
+use crate::server::{Kind, Server};
+use crate::traffic::{self, Flow, Plan, Receivers, Sent};
+
+const DEFAULT_CLIENTS: usize = 100;
+const DEFAULT_SECS: f64 = 10.0;
+/// How long receivers may go without progress before the rest counts as lost.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// One run of the pairs driver.
+#[derive(Debug)]
+pub struct PairsRun {
+    pub summary: Summary,
+    pub sent: Sent,
+    pub rss_kb: Option<u64>,
+    pub placement: &'static str,
+}
+
+/// Connects `clients` users in pairs and runs the plan against a fresh `kind` server.
+pub async fn pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Result<PairsRun> {
+    let server = Server::start(kind, &common.server_options())?;
+    let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
+    let prefix = if kind == Kind::Tern { "d" } else { "b" };
+    let users = super::users(prefix, n);
+    let pool = clients::connect_all(&server, &users, PoolOptions::default(), |_| {}).await?;
+    let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
+    let flows: Vec<Flow> = (0..n)
+        .map(|i| Flow {
+            id: i as u32,
+            client: clients[i].clone(),
+            target: SendTarget::User(users[i ^ 1].clone()),
+            recipients: 1,
+            size: args.size,
+        })
+        .collect();
+    let receivers = Receivers::spawn(events, None);
+    let plan = Plan {
+        rate: args.rate,
+        ..Plan::flat_out(common.duration_or(DEFAULT_SECS), args.in_flight)
+    };
+    let sent = traffic::send(&flows, plan).await;
+    receivers.wait_for(sent.expected, PATIENCE).await;
+    let rss_kb = server.rss_kb();
+    let seen = receivers.finish().await;
+    drop(flows);
+    super::close_all(clients).await;
+    Ok(PairsRun {
+        summary: Summary::of(&sent, &seen),
+        sent,
+        rss_kb,
+        placement: server.placement,
+    })
+}
+
+fn describe(run: &PairsRun, scenario: &str, common: &Common, args: &DirectArgs) -> Outcome {
+    let mut json = run.summary.json(scenario, run.rss_kb);
+    json.insert("clients".into(), json!(common.clients_or(DEFAULT_CLIENTS)));
+    json.insert("in_flight".into(), json!(args.in_flight));
+    json.insert("size".into(), json!(args.size));
+    json.insert("rate".into(), json!(args.rate));
+    json.insert("send_errors".into(), json!(run.sent.errors));
+    super::add_quantiles(&mut json, "ack", &run.sent.ack_latency);
+    json.insert("server".into(), json!(run.placement));
+    Outcome {
+        json,
+        plots: vec![Plot::Latency {
+            title: format!("{scenario}: send → delivered"),
+            series: vec![(scenario.to_owned(), run.summary.latency.clone())],
+        }],
+    }
+}
+
+pub async fn run_baseline(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> {
+    let run = pairs(common, args, Kind::Forwarder).await?;
+    Ok(describe(&run, "relay-baseline", common, args))
+}
+
+pub async fn run(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> {
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        Some(pairs(common, args, Kind::Forwarder).await?)
+    };
+    let direct = pairs(common, args, Kind::Tern).await?;
+    let mut outcome = describe(&direct, "direct", common, args);
+    if let Some(base) = baseline {
+        let (d, b) = (&direct.summary, &base.summary);
+        let json = &mut outcome.json;
+        json.insert("baseline_msgs_per_s".into(), json!(round(b.msgs_per_s)));
+        json.insert("baseline_lost".into(), json!(b.lost));
+        json.insert("baseline_duplicated".into(), json!(b.duplicated));
+        super::add_quantiles(json, "baseline", &b.latency);
+        json.insert(
+            "ratio_to_baseline".into(),
+            ratio(d.msgs_per_s, b.msgs_per_s),
+        );
+        let q = |s: &Summary, p| crate::probe::quantile_ms(&s.latency, p);
+        json.insert("p50_ratio_to_baseline".into(), ratio(q(d, 0.5), q(b, 0.5)));
+        json.insert(
+            "p99_ratio_to_baseline".into(),
+            ratio(q(d, 0.99), q(b, 0.99)),
+        );
+        if let Some(Plot::Latency { series, .. }) = outcome.plots.first_mut() {
+            series.push(("relay-baseline".into(), b.latency.clone()));
+        }
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,102 @@
+//! `migration`: pairs of users exchange messages at a rate while, one client after another,
+//! each changes network (`Client::network_changed`: a new UDP socket, so the server sees a new
+//! address and QUIC migrates the connection). Nothing may be lost or duplicated, and no
+//! connection should need re-establishing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tern_client::SendTarget;
+
+use crate::cli::{Common, MigrationArgs};
+use crate::clients::{self, PoolOptions};
+use crate::output::{Outcome, Plot, Summary};
+use crate::server::{Kind, Server};
+use crate::traffic::{self, Flow, Plan, Receivers};
+
+const DEFAULT_CLIENTS: usize = 20;
+const DEFAULT_SECS: f64 = 10.0;
+
+pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcome> {
+    let server = Server::start(Kind::Tern, &common.server_options())?;
+    let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
+    let users = super::users("mig", n);
+    // Each client on its own socket: rebinding moves every connection of an endpoint.
+    let pool =
+        clients::connect_all(&server, &users, PoolOptions { per_endpoint: 0 }, |_| {}).await?;
+    let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
+    let flows: Vec<Flow> = (0..n)
+        .map(|i| Flow {
+            id: i as u32,
+            client: clients[i].clone(),
+            target: SendTarget::User(users[i ^ 1].clone()),
+            recipients: 1,
+            size: args.size,
+        })
+        .collect();
+    let receivers = Receivers::spawn(events, None);
+    let duration = common.duration_or(DEFAULT_SECS);
+    let plan = Plan {
+        rate: Some(args.rate),
+        ..Plan::flat_out(duration, 2)
+    };
+    let migrator = tokio::spawn(migrate(
+        clients.clone(),
+        Duration::from_millis(args.migrate_every_ms.max(1)),
+        Instant::now() + duration,
+    ));
+    let sent = traffic::send(&flows, plan).await;
+    let (migrations, migrate_errors) = migrator.await.unwrap_or((0, 0));
+    receivers
+        .wait_for(sent.expected, super::direct::PATIENCE)
+        .await;
+    let seen = receivers.finish().await;
+    let reconnects: u64 = clients.iter().map(|c| c.stats().reconnects).sum();
+    let summary = Summary::of(&sent, &seen);
+    let mut json = summary.json("migration", server.rss_kb());
+    json.insert("migrations".into(), json!(migrations));
+    json.insert("reconnects".into(), json!(reconnects));
+    json.insert("migrate_errors".into(), json!(migrate_errors));
+    json.insert("clients".into(), json!(n));
+    json.insert("rate".into(), json!(args.rate));
+    json.insert("send_errors".into(), json!(sent.errors));
+    super::add_quantiles(&mut json, "ack", &sent.ack_latency);
+    json.insert("server".into(), json!(server.placement));
+    drop(flows);
+    super::close_all(clients).await;
+    Ok(Outcome {
+        json,
+        plots: vec![Plot::Latency {
+            title: "migration: send → delivered while clients rebind".into(),
+            series: vec![("migration".into(), summary.latency)],
+        }],
+    })
+}
+
+/// Rebinds the clients round-robin so that each moves once per `every`; returns
+/// (migrations, failures).
+async fn migrate(
+    clients: Vec<Arc<tern_client::Client>>,
+    every: Duration,
+    deadline: Instant,
+) -> (u64, u64) {
+    let mut tick = tokio::time::interval(every / clients.len().max(1) as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick.tick().await;
+    let (mut done, mut failed) = (0, 0);
+    for client in clients.iter().cycle() {
+        tick.tick().await;
+        if Instant::now() >= deadline {
+            break;
+        }
+        match client.network_changed() {
+            Ok(()) => done += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "network_changed failed");
+                failed += 1;
+            }
+        }
+    }
+    (done, failed)
+}

@@ -1,0 +1,49 @@
+//! One module per scenario; each returns an [`crate::Outcome`].
+
+pub mod connections;
+pub mod direct;
+pub mod group;
+pub mod hol;
+pub mod migration;
+pub mod offline_sync;
+pub mod soak;
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use tern_client::Client;
+
+use crate::output::round;
+use crate::probe::quantile_ms;
+
+/// `user0`…: user ids with a per-run prefix.
+pub fn users(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// Adds `prefix_p50_ms` and `prefix_p99_ms` of a microsecond histogram.
+pub fn add_quantiles(
+    map: &mut Map<String, Value>,
+    prefix: &str,
+    hist: &hdrhistogram::Histogram<u64>,
+) {
+    map.insert(
+        format!("{prefix}_p50_ms"),
+        json!(round(quantile_ms(hist, 0.5))),
+    );
+    map.insert(
+        format!("{prefix}_p99_ms"),
+        json!(round(quantile_ms(hist, 0.99))),
+    );
+}
+
+/// Closes clients gracefully (concurrently), so servers see clean disconnects.
+pub async fn close_all(clients: Vec<Arc<Client>>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        if let Ok(client) = Arc::try_unwrap(client) {
+            tasks.spawn(client.close());
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}

@@ -1,0 +1,147 @@
+//! `soak`: steady mixed load (1:1 pairs at a rate, plus a group of every client) for the
+//! duration, sampling the server's RSS and open file descriptors. A leak shows as a slope.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tern_client::SendTarget;
+
+use crate::cli::{Common, SoakArgs};
+use crate::clients::{self, PoolOptions};
+use crate::output::{Outcome, Plot, Summary};
+use crate::server::{Kind, Server};
+use crate::traffic::{self, Flow, Plan, Receivers};
+
+const DEFAULT_CLIENTS: usize = 50;
+const DEFAULT_SECS: f64 = 30.0;
+/// Flow id of the group messages (pairs use 0..clients).
+const GROUP_FLOW: u32 = u32::MAX;
+
+pub async fn run(common: &Common, args: &SoakArgs) -> anyhow::Result<Outcome> {
+    let server = Server::start(Kind::Tern, &common.server_options())?;
+    let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
+    let users = super::users("soak", n);
+    let pool = clients::connect_all(&server, &users, PoolOptions::default(), |_| {}).await?;
+    let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
+    let group = clients[0].create_group("soak", &users[1..]).await?;
+    let mut pairs: Vec<Flow> = (0..n)
+        .map(|i| Flow {
+            id: i as u32,
+            client: clients[i].clone(),
+            target: SendTarget::User(users[i ^ 1].clone()),
+            recipients: 1,
+            size: args.size,
+        })
+        .collect();
+    let group_flow = Flow {
+        id: GROUP_FLOW,
+        client: clients[0].clone(),
+        target: SendTarget::Conversation(group.conversation_id),
+        recipients: n as u64 - 1,
+        size: args.size,
+    };
+    let receivers = Receivers::spawn(events, None);
+    let duration = common.duration_or(DEFAULT_SECS);
+    let sampler = {
+        let pid = server.pid();
+        let every = Duration::from_millis(args.sample_ms.max(10));
+        tokio::spawn(sample(pid, every, Instant::now() + duration))
+    };
+    let (mut sent, group_sent) = tokio::join!(
+        traffic::send(
+            &pairs,
+            Plan {
+                rate: Some(args.rate),
+                ..Plan::flat_out(duration, 2)
+            }
+        ),
+        traffic::send(
+            std::slice::from_ref(&group_flow),
+            Plan {
+                rate: Some(args.group_rate),
+                ..Plan::flat_out(duration, 1)
+            }
+        ),
+    );
+    sent.acked += group_sent.acked;
+    sent.expected += group_sent.expected;
+    sent.errors += group_sent.errors;
+    let samples = sampler.await.unwrap_or_default();
+    receivers
+        .wait_for(sent.expected, super::direct::PATIENCE)
+        .await;
+    let seen = receivers.finish().await;
+    let summary = Summary::of(&sent, &seen);
+    let mut json = summary.json("soak", server.rss_kb());
+    let column = |f: fn(&Sample) -> Option<u64>| samples.iter().filter_map(f).collect::<Vec<_>>();
+    let rss = column(|s| s.rss_kb);
+    let fds = column(|s| s.fds);
+    json.insert("rss_kb_start".into(), json!(rss.first()));
+    json.insert("rss_kb_end".into(), json!(rss.last()));
+    json.insert("rss_kb_max".into(), json!(rss.iter().max()));
+    json.insert("fds_start".into(), json!(fds.first()));
+    json.insert("fds_end".into(), json!(fds.last()));
+    json.insert("fds_max".into(), json!(fds.iter().max()));
+    json.insert(
+        "samples".into(),
+        json!(
+            samples
+                .iter()
+                .map(|s| json!([crate::output::round(s.secs), s.rss_kb, s.fds]))
+                .collect::<Vec<_>>()
+        ),
+    );
+    json.insert("clients".into(), json!(n));
+    json.insert("send_errors".into(), json!(sent.errors));
+    json.insert("server".into(), json!(server.placement));
+    let series = |f: fn(&Sample) -> Option<u64>| {
+        samples
+            .iter()
+            .filter_map(|s| f(s).map(|v| (s.secs, v as f64)))
+            .collect::<Vec<_>>()
+    };
+    let plots = vec![
+        Plot::Latency {
+            title: "soak: send → delivered".into(),
+            series: vec![("soak".into(), summary.latency.clone())],
+        },
+        Plot::Over {
+            title: "soak: server RSS".into(),
+            unit: "KB".into(),
+            series: vec![("VmRSS".into(), series(|s| s.rss_kb))],
+        },
+        Plot::Over {
+            title: "soak: server open file descriptors".into(),
+            unit: "fds".into(),
+            series: vec![("fds".into(), series(|s| s.fds))],
+        },
+    ];
+    pairs.clear();
+    drop(group_flow);
+    super::close_all(clients).await;
+    Ok(Outcome { json, plots })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    secs: f64,
+    rss_kb: Option<u64>,
+    fds: Option<u64>,
+}
+
+async fn sample(pid: Option<u32>, every: Duration, deadline: Instant) -> Vec<Sample> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        out.push(Sample {
+            secs: start.elapsed().as_secs_f64(),
+            rss_kb: pid.and_then(crate::procfs::rss_kb),
+            fds: pid.and_then(crate::procfs::open_fds),
+        });
+        if Instant::now() >= deadline {
+            return out;
+        }
+    }
+}

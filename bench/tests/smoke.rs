@@ -1,0 +1,101 @@
+//! Every scenario, in-process with tiny counts: it runs, and nothing is lost or duplicated.
+//! No timing assertions: CI machines vary too much.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clap::Parser as _;
+use tern_bench::Cli;
+
+async fn run(args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    let mut argv = vec!["tern-bench"];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--server", "in-process", "--json"]);
+    let cli = Cli::try_parse_from(&argv).unwrap();
+    let outcome = tern_bench::run(&cli.common, &cli.scenario).await.unwrap();
+    let json = outcome.json;
+    assert_eq!(json["lost"], 0, "{args:?}: {json:?}");
+    assert_eq!(json["duplicated"], 0, "{args:?}: {json:?}");
+    assert!(
+        json["delivered"].as_u64().unwrap() > 0,
+        "{args:?}: {json:?}"
+    );
+    json
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn direct_with_its_baseline() {
+    let json = run(&["direct", "--duration", "1", "--clients", "4"]).await;
+    assert!(json["ratio_to_baseline"].as_f64().is_some());
+    assert_eq!(json["baseline_lost"], 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn group_fan_out() {
+    let json = run(&["group", "--sizes", "2,5", "--messages", "5", "--rate", "50"]).await;
+    assert_eq!(json["groups"][1]["complete"], 5);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn connections_and_storm() {
+    let json = run(&["connections", "--clients", "20", "--settle", "0"]).await;
+    assert_eq!(json["delivered"], 20);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn offline_sync() {
+    let json = run(&["offline-sync", "--backlog", "300", "--runs", "1"]).await;
+    assert_eq!(json["delivered"], 300);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hol_both_modes() {
+    let json = run(&[
+        "hol",
+        "--duration",
+        "1",
+        "--loss",
+        "0",
+        "--delay-ms",
+        "1",
+        "--bulk-size",
+        "4096",
+    ])
+    .await;
+    assert!(json["p99_ms_single_stream"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn migration() {
+    let json = run(&[
+        "migration",
+        "--duration",
+        "1",
+        "--clients",
+        "4",
+        "--migrate-every-ms",
+        "200",
+    ])
+    .await;
+    assert!(json["migrations"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn soak_and_report() {
+    let argv = [
+        "tern-bench",
+        "soak",
+        "--duration",
+        "1",
+        "--clients",
+        "4",
+        "--server",
+        "in-process",
+    ];
+    let cli = Cli::try_parse_from(argv).unwrap();
+    let outcome = tern_bench::run(&cli.common, &cli.scenario).await.unwrap();
+    assert_eq!(outcome.json["lost"], 0);
+    assert_eq!(outcome.json["duplicated"], 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = tern_bench::report::write(dir.path(), &outcome).unwrap();
+    let html = std::fs::read_to_string(path).unwrap();
+    assert!(html.contains("<svg") && html.contains("<polyline"));
+}
