@@ -18,7 +18,7 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build"
-cargo build --workspace --bins --locked
+cargo build --workspace --lib --bins --locked
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

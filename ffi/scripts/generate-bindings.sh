@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the tern-ffi library and generates its Kotlin, Swift and Python bindings.
 #
-#   ffi/scripts/generate-bindings.sh [--release] [OUT_DIR]
+#   ffi/scripts/generate-bindings.sh [--release] [--no-build] [OUT_DIR]
 #
 # OUT_DIR defaults to target/bindings. It receives kotlin/dev/tern/tern_ffi.kt,
 # swift/{TernFFI.swift,TernFFIFFI.h,TernFFIFFI.modulemap}, python/tern_ffi.py, and a copy of
@@ -11,15 +11,22 @@ cd "$(dirname "$0")/../.."
 
 profile=debug
 cargo_profile=()
-if [[ "${1:-}" == "--release" ]]; then
-    profile=release
-    cargo_profile=(--release)
+build=1
+while [[ "${1:-}" == --* ]]; do
+    case "$1" in
+        --release) profile=release; cargo_profile=(--release) ;;
+        # The caller built the library and uniffi-bindgen already (scripts/test.sh).
+        --no-build) build=0 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
     shift
-fi
+done
 target_dir="${CARGO_TARGET_DIR:-target}"
 out="${1:-$target_dir/bindings}"
 
-cargo build -q "${cargo_profile[@]}" -p tern-ffi -p uniffi-bindgen
+if [[ $build == 1 ]]; then
+    cargo build -q "${cargo_profile[@]}" -p tern-ffi -p uniffi-bindgen
+fi
 case "$(uname -s)" in
     Darwin) lib="$target_dir/$profile/libtern_ffi.dylib" ;;
     *) lib="$target_dir/$profile/libtern_ffi.so" ;;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the bindings' test suites in Kotlin (JVM) and Python against real tern-server
 # processes. Installs the Kotlin compiler (npm `kotlin-compiler`) and JNA (Debian
-# `libjna-java`) when missing. Called by scripts/test.sh; expects `cargo build` done.
+# `libjna-java`) when missing. Called by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -9,7 +9,10 @@ export TERN_SERVER_BIN="$(realpath -m "$target_dir/debug/tern-server")"
 bindings="$(realpath -m "$target_dir/bindings")"
 
 echo "== generating bindings"
-ffi/scripts/generate-bindings.sh "$bindings"
+# The same selection as scripts/test.sh's build step, so that after it this is a no-op: a
+# build of just tern-ffi would unify features differently and recompile shared crates.
+cargo build -q --workspace --lib --bins --locked
+ffi/scripts/generate-bindings.sh --no-build "$bindings"
 
 echo "== README snippets match the Kotlin test"
 python3 ffi/tests/check_snippets.py ffi/README.md ffi/tests/kotlin/BindingsTest.kts

@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tern_client::SendTarget;
 
 use crate::cli::{Common, DirectArgs};
 use crate::clients::{self, PoolOptions};
 use crate::output::{Outcome, Plot, Summary, ratio, round};
 use crate::server::{Kind, Server};
-use crate::traffic::{self, Flow, Plan, Receivers, Sent};
+use crate::traffic::{self, Plan, Receivers, Sent};
 
 const DEFAULT_CLIENTS: usize = 100;
 const DEFAULT_SECS: f64 = 10.0;
@@ -35,15 +34,7 @@ pub async fn pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Re
     let users = super::users(prefix, n);
     let pool = clients::connect_all(&server, &users, PoolOptions::default(), |_| {}).await?;
     let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
-    let flows: Vec<Flow> = (0..n)
-        .map(|i| Flow {
-            id: i as u32,
-            client: clients[i].clone(),
-            target: SendTarget::User(users[i ^ 1].clone()),
-            recipients: 1,
-            size: args.size,
-        })
-        .collect();
+    let flows = super::pair_flows(&clients, &users, args.size);
     let receivers = Receivers::spawn(events, None);
     let plan = Plan {
         rate: args.rate,

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tern_client::SendTarget;
 
 use crate::cli::{Common, MigrationArgs};
 use crate::clients::{self, PoolOptions};
 use crate::output::{Outcome, Plot, Summary};
 use crate::server::{Kind, Server};
-use crate::traffic::{self, Flow, Plan, Receivers};
+use crate::traffic::{self, Plan, Receivers};
 
 const DEFAULT_CLIENTS: usize = 20;
 const DEFAULT_SECS: f64 = 10.0;
@@ -26,15 +25,7 @@ pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcom
     let pool =
         clients::connect_all(&server, &users, PoolOptions { per_endpoint: 0 }, |_| {}).await?;
     let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
-    let flows: Vec<Flow> = (0..n)
-        .map(|i| Flow {
-            id: i as u32,
-            client: clients[i].clone(),
-            target: SendTarget::User(users[i ^ 1].clone()),
-            recipients: 1,
-            size: args.size,
-        })
-        .collect();
+    let flows = super::pair_flows(&clients, &users, args.size);
     let receivers = Receivers::spawn(events, None);
     let duration = common.duration_or(DEFAULT_SECS);
     let plan = Plan {

@@ -11,14 +11,29 @@ pub mod soak;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use tern_client::Client;
+use tern_client::{Client, SendTarget};
 
 use crate::output::round;
 use crate::probe::quantile_ms;
+use crate::traffic::Flow;
 
 /// `user0`…: user ids with a per-run prefix.
 pub fn users(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// One flow per client to its partner (users `2k` and `2k+1` talk to each other), one device
+/// receiving each message.
+pub fn pair_flows(clients: &[Arc<Client>], users: &[String], size: usize) -> Vec<Flow> {
+    (0..clients.len())
+        .map(|i| Flow {
+            id: i as u32,
+            client: clients[i].clone(),
+            target: SendTarget::User(users[i ^ 1].clone()),
+            recipients: 1,
+            size,
+        })
+        .collect()
 }
 
 /// Adds `prefix_p50_ms` and `prefix_p99_ms` of a microsecond histogram.

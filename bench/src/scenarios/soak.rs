@@ -24,15 +24,7 @@ pub async fn run(common: &Common, args: &SoakArgs) -> anyhow::Result<Outcome> {
     let pool = clients::connect_all(&server, &users, PoolOptions::default(), |_| {}).await?;
     let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
     let group = clients[0].create_group("soak", &users[1..]).await?;
-    let mut pairs: Vec<Flow> = (0..n)
-        .map(|i| Flow {
-            id: i as u32,
-            client: clients[i].clone(),
-            target: SendTarget::User(users[i ^ 1].clone()),
-            recipients: 1,
-            size: args.size,
-        })
-        .collect();
+    let mut pairs = super::pair_flows(&clients, &users, args.size);
     let group_flow = Flow {
         id: GROUP_FLOW,
         client: clients[0].clone(),
