@@ -15,7 +15,7 @@ use tern_server::store::{Durability, GroupOp, Store, StoreLimits, Target};
 struct Nobody;
 
 impl Delivery for Nobody {
-    fn inbox_advanced(&self, _: &str, _: u64) {}
+    fn inbox_appended(&self, _: &str, _: &[tern_server::delivery::NewEntry]) {}
 }
 
 fn open(dir: &std::path::Path) -> Arc<Store> {

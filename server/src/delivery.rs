@@ -1,23 +1,25 @@
 //! Delivery to connected devices.
 //!
-//! The store tells a [`Delivery`] that a user's inbox grew ("inbox of alice now ends at 42").
-//! That one call is the whole interface between storage and delivery: a cross-node router
-//! implements it by publishing the same fact to the node holding alice's sessions.
+//! After each commit the store hands a [`Delivery`] the entries it appended to a user's inbox
+//! ("alice's inbox grew by 41 and 42, and here they are"). That one call is the whole
+//! interface between storage and delivery: a cross-node router implements it by publishing the
+//! same entries to the node holding alice's sessions.
 //!
-//! [`LocalDelivery`] records the new head in each of the user's sessions. Each session's pusher
-//! then reads the new entries from the inbox (the truth) and hands each to the writer task of
-//! its conversation's push stream. Nothing here ever waits on a device: heads are a `watch`,
-//! and when a conversation's queue is full that conversation is held back (its later entries
-//! are not queued) until its stream drains; then its entries are re-read from the inbox, so
-//! each conversation stays in order and no other conversation waits.
+//! [`LocalDelivery`] hands the entries to each of the user's sessions. Each session's pusher
+//! routes them to the writer task of their conversation's push stream; it reads the inbox (the
+//! truth) only for what it was not handed: entries from before it went live, or more than a
+//! session may hold. Nothing here ever waits on a device: when a conversation's queue is full
+//! that conversation is held back (its later entries are not queued) until its stream drains;
+//! then its entries are re-read from the inbox, so each conversation stays in order and no
+//! other conversation waits.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tern_protocol::pb::{self, ServerFrame, server_frame};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::debug;
 
 use crate::ServerState;
@@ -32,11 +34,40 @@ const PUSH_STREAM_IDLE: Duration = Duration::from_secs(30);
 const READ_BATCH: usize = 256;
 /// Most entries a push stream writes at once.
 const PUSH_BATCH: usize = 64;
+/// Entries handed to a session and not yet taken by its pusher, at most. Beyond this (a
+/// session not live yet, or a burst) they are dropped, and the pusher reads them from the
+/// inbox instead: memory per session stays bounded whatever the traffic.
+const HANDED_MAX: usize = 1024;
+
+/// An inbox entry as a device receives it: a message is resolved from its reference.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub inbox_seq: u64,
+    /// Shared by every recipient of the same message, receipt or event.
+    pub body: Arc<pb::inbox_entry::Body>,
+}
+
+impl NewEntry {
+    fn from_stored(entry: pb::InboxEntry) -> Option<Self> {
+        Some(Self {
+            inbox_seq: entry.inbox_seq,
+            body: Arc::new(entry.body?),
+        })
+    }
+
+    fn to_pb(&self) -> pb::InboxEntry {
+        pb::InboxEntry {
+            inbox_seq: self.inbox_seq,
+            body: Some((*self.body).clone()),
+        }
+    }
+}
 
 /// Where the store reports inbox growth.
 pub trait Delivery: Send + Sync + 'static {
-    /// `user`'s inbox now durably ends at `inbox_head`. Must not block.
-    fn inbox_advanced(&self, user: &str, inbox_head: u64);
+    /// `user`'s inbox durably grew by `entries`: consecutive, in order, the last one at the
+    /// new head. Must not block.
+    fn inbox_appended(&self, user: &str, entries: &[NewEntry]);
 }
 
 /// Delivery to the sessions connected to this node.
@@ -52,99 +83,151 @@ impl LocalDelivery {
 }
 
 impl Delivery for LocalDelivery {
-    fn inbox_advanced(&self, user: &str, inbox_head: u64) {
+    fn inbox_appended(&self, user: &str, entries: &[NewEntry]) {
         for session in self.registry.sessions_of(user) {
-            session.push.advance(inbox_head);
+            session.push.append(entries);
         }
     }
 }
 
-/// A session's push position.
+/// A session's push position, and what was handed to its pusher. One lock and one `Notify`
+/// (no channel): an idle session allocates nothing here.
 #[derive(Debug)]
 pub struct PushState {
+    inner: Mutex<PushInner>,
+    /// Wakes the pusher. `notify_one` keeps a permit when it is busy, so no wake-up is lost.
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct PushInner {
     /// Highest durable inbox sequence of the user.
-    head: watch::Sender<u64>,
+    head: u64,
     /// Where live pushing starts: set when the device's first sync completes.
-    live_from: watch::Sender<Option<u64>>,
+    live_from: Option<u64>,
+    /// Entries not yet taken by the pusher, in inbox order, at most [`HANDED_MAX`].
+    handed: VecDeque<NewEntry>,
+    /// Push streams that drained after holding their conversation back, or ended with
+    /// entries unwritten (the first such inbox sequence).
+    drained: Vec<(String, Option<u64>)>,
 }
 
 impl PushState {
     pub fn new(head: u64) -> Self {
         Self {
-            head: watch::Sender::new(head),
-            live_from: watch::Sender::new(None),
+            inner: Mutex::new(PushInner {
+                head,
+                ..PushInner::default()
+            }),
+            wake: Notify::new(),
         }
     }
 
-    pub fn head(&self) -> u64 {
-        *self.head.borrow()
+    fn lock(&self) -> MutexGuard<'_, PushInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn advance(&self, head: u64) {
-        self.head.send_if_modified(|h| {
-            let grew = head > *h;
-            if grew {
-                *h = head;
+    pub fn head(&self) -> u64 {
+        self.lock().head
+    }
+
+    /// Records new durable entries for the pusher.
+    pub fn append(&self, entries: &[NewEntry]) {
+        {
+            let mut inner = self.lock();
+            let fresh: &[NewEntry] = match entries.iter().position(|e| e.inbox_seq > inner.head) {
+                Some(first) => &entries[first..],
+                None => return,
+            };
+            if let Some(last) = fresh.last() {
+                inner.head = last.inbox_seq;
             }
-            grew
-        });
+            if inner.handed.len() + fresh.len() > HANDED_MAX {
+                // The pusher finds the gap and reads it from the inbox.
+                inner.handed.clear();
+            }
+            if fresh.len() <= HANDED_MAX {
+                inner.handed.extend(fresh.iter().cloned());
+            }
+        }
+        self.wake.notify_one();
     }
 
     /// Starts live pushing after `inbox_seq`, unless already live. Returns whether it started.
     pub fn go_live(&self, inbox_seq: u64) -> bool {
-        self.live_from.send_if_modified(|from| {
-            if from.is_none() {
-                *from = Some(inbox_seq);
-                true
-            } else {
-                false
+        let started = {
+            let mut inner = self.lock();
+            let started = inner.live_from.is_none();
+            if started {
+                inner.live_from = Some(inbox_seq);
             }
-        })
+            started
+        };
+        if started {
+            self.wake.notify_one();
+        }
+        started
+    }
+
+    fn report_drained(&self, conversation: String, unwritten: Option<u64>) {
+        self.lock().drained.push((conversation, unwritten));
+        self.wake.notify_one();
     }
 }
 
 /// Pushes a session's new inbox entries until the connection closes.
 pub async fn push_loop(state: Arc<ServerState>, session: Arc<Session>) {
-    let mut live = session.push.live_from.subscribe();
+    let push = &session.push;
     let mut pushed = loop {
-        if let Some(from) = *live.borrow_and_update() {
+        if let Some(from) = push.lock().live_from {
             break from;
         }
-        if live.changed().await.is_err() {
-            return;
+        tokio::select! {
+            () = push.wake.notified() => {}
+            _ = session.conn.closed() => return,
         }
     };
     debug!(from = pushed, "session live");
-    let mut heads = session.push.head.subscribe();
-    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
     let mut pusher = Pusher {
         state: state.clone(),
         session: session.clone(),
         queues: HashMap::new(),
         lagging: HashMap::new(),
-        drained_tx,
     };
     loop {
-        let head = *heads.borrow_and_update();
-        while pushed < head {
-            let Some((entries, scanned)) = pusher.read(pushed) else {
-                break;
-            };
-            for entry in entries {
+        let (head, handed, drained) = {
+            let mut inner = push.lock();
+            (
+                inner.head,
+                std::mem::take(&mut inner.handed),
+                std::mem::take(&mut inner.drained),
+            )
+        };
+        for entry in handed {
+            if entry.inbox_seq > pushed + 1 {
+                // Entries this session was not handed: read them from the inbox.
+                pusher.catch_up(&mut pushed, entry.inbox_seq - 1);
+            }
+            if entry.inbox_seq == pushed + 1 {
+                pushed = entry.inbox_seq;
                 pusher.route(entry);
             }
-            pushed = scanned;
+        }
+        pusher.catch_up(&mut pushed, head);
+        for (conversation, unwritten) in drained {
+            pusher.drained(&conversation, unwritten, pushed);
         }
         tokio::select! {
-            changed = heads.changed() => if changed.is_err() { return },
-            Some((conversation, unwritten)) = drained_rx.recv() => pusher.drained(&conversation, unwritten, pushed),
+            () = push.wake.notified() => {}
             _ = session.conn.closed() => return,
         }
     }
 }
 
 struct ConversationQueue {
-    tx: mpsc::Sender<Arc<pb::InboxEntry>>,
+    tx: mpsc::Sender<NewEntry>,
     /// Set when an entry did not fit; the stream task reports when it has drained.
     overflowed: Arc<AtomicBool>,
 }
@@ -157,20 +240,25 @@ struct Pusher {
     /// Conversations whose queue was full: the first inbox sequence not queued. Their later
     /// entries are not queued either (order), until the stream drains and `resume` re-reads.
     lagging: HashMap<String, u64>,
-    drained_tx: mpsc::UnboundedSender<(String, Option<u64>)>,
 }
 
 impl Pusher {
     /// The next entries after `after` for this device (its own sends left out) and the last
     /// inbox sequence read; `None` when there is nothing new.
-    fn read(&self, after: u64) -> Option<(Vec<pb::InboxEntry>, u64)> {
+    fn read(&self, after: u64) -> Option<(Vec<NewEntry>, u64)> {
         match self.state.store.read_inbox_for(
             &self.session.user,
             Some(&self.session.device),
             after,
             READ_BATCH,
         ) {
-            Ok((entries, scanned)) if scanned > after => Some((entries, scanned)),
+            Ok((entries, scanned)) if scanned > after => Some((
+                entries
+                    .into_iter()
+                    .filter_map(NewEntry::from_stored)
+                    .collect(),
+                scanned,
+            )),
             Ok(_) => None,
             Err(e) => {
                 debug!(error = %e, "push read failed; the device recovers by sync");
@@ -179,8 +267,21 @@ impl Pusher {
         }
     }
 
+    /// Routes the entries after `pushed` up to at least `upto`, read from the inbox.
+    fn catch_up(&mut self, pushed: &mut u64, upto: u64) {
+        while *pushed < upto {
+            let Some((entries, scanned)) = self.read(*pushed) else {
+                break;
+            };
+            for entry in entries {
+                self.route(entry);
+            }
+            *pushed = scanned;
+        }
+    }
+
     /// Queues `entry` on its conversation's push stream, opening one if needed. Never waits.
-    fn route(&mut self, entry: pb::InboxEntry) {
+    fn route(&mut self, entry: NewEntry) {
         if is_own_send(&entry, &self.session) {
             // The sending device learnt this entry's inbox sequence from its SendAck.
             return;
@@ -189,7 +290,7 @@ impl Pusher {
         if self.lagging.contains_key(&conversation) {
             return;
         }
-        let mut entry = Arc::new(entry);
+        let mut entry = entry;
         for _ in 0..2 {
             let queue = self.queues.entry(conversation.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
@@ -199,7 +300,6 @@ impl Pusher {
                     session: self.session.clone(),
                     conversation: conversation.clone(),
                     overflowed: overflowed.clone(),
-                    drained_tx: self.drained_tx.clone(),
                 };
                 tokio::spawn(task.run(rx));
                 ConversationQueue { tx, overflowed }
@@ -214,7 +314,7 @@ impl Pusher {
                     if queue.tx.capacity() == CONVERSATION_QUEUE
                         && queue.overflowed.swap(false, Ordering::SeqCst)
                     {
-                        let _ = self.drained_tx.send((conversation, None));
+                        self.session.push.report_drained(conversation, None);
                     }
                     return;
                 }
@@ -227,9 +327,8 @@ impl Pusher {
         }
     }
 
-    /// A lagging conversation's stream drained: queue its entries again from where it fell
-    /// behind, up to `pushed` (later entries come through the main loop).
-    /// A conversation's stream drained, or ended with `unwritten` entries: continue it.
+    /// A conversation's stream drained, or ended with `unwritten` entries: queue its entries
+    /// again from where it fell behind, up to `pushed` (later ones come through the main loop).
     fn drained(&mut self, conversation: &str, unwritten: Option<u64>, pushed: u64) {
         if let Some(from) = unwritten {
             if self.session.conn.close_reason().is_some() {
@@ -269,17 +368,16 @@ impl Pusher {
     }
 }
 
-fn is_own_send(entry: &pb::InboxEntry, session: &Session) -> bool {
-    matches!(&entry.body, Some(pb::inbox_entry::Body::Message(m))
+fn is_own_send(entry: &NewEntry, session: &Session) -> bool {
+    matches!(&*entry.body, pb::inbox_entry::Body::Message(m)
         if *m.sender == *session.user && *m.sender_device == *session.device)
 }
 
-fn conversation_of(entry: &pb::InboxEntry) -> &str {
-    match &entry.body {
-        Some(pb::inbox_entry::Body::Message(m)) => &m.conversation_id,
-        Some(pb::inbox_entry::Body::Receipt(r)) => &r.conversation_id,
-        Some(pb::inbox_entry::Body::Event(e)) => &e.conversation_id,
-        None => "",
+fn conversation_of(entry: &NewEntry) -> &str {
+    match &*entry.body {
+        pb::inbox_entry::Body::Message(m) => &m.conversation_id,
+        pb::inbox_entry::Body::Receipt(r) => &r.conversation_id,
+        pb::inbox_entry::Body::Event(e) => &e.conversation_id,
     }
 }
 
@@ -289,26 +387,26 @@ struct PushStream {
     session: Arc<Session>,
     conversation: String,
     overflowed: Arc<AtomicBool>,
-    drained_tx: mpsc::UnboundedSender<(String, Option<u64>)>,
 }
 
 impl PushStream {
     /// Writes entries until idle or failure. However it ends, the pusher hears of it: a
     /// stream that failed with entries still queued gets them re-sent from the inbox, and a
     /// held-back conversation is never left waiting for a drain that cannot come.
-    async fn run(self, mut rx: mpsc::Receiver<Arc<pb::InboxEntry>>) {
+    async fn run(self, mut rx: mpsc::Receiver<NewEntry>) {
         let unwritten = self.write_entries(&mut rx).await;
         let unwritten = unwritten.or_else(|| rx.try_recv().ok().map(|e| e.inbox_seq));
         if unwritten.is_some() || self.overflowed.swap(false, Ordering::SeqCst) {
-            let _ = self.drained_tx.send((self.conversation.clone(), unwritten));
+            self.session
+                .push
+                .report_drained(self.conversation.clone(), unwritten);
         }
     }
 
     /// Returns the inbox sequence of the first entry it could not write, if it failed.
-    async fn write_entries(&self, rx: &mut mpsc::Receiver<Arc<pb::InboxEntry>>) -> Option<u64> {
+    async fn write_entries(&self, rx: &mut mpsc::Receiver<NewEntry>) -> Option<u64> {
         let max = self.state.config.max_frame_bytes as usize;
-        let first =
-            |rx: &mut mpsc::Receiver<Arc<pb::InboxEntry>>| rx.try_recv().ok().map(|e| e.inbox_seq);
+        let first = |rx: &mut mpsc::Receiver<NewEntry>| rx.try_recv().ok().map(|e| e.inbox_seq);
         let Ok(mut send) = self.session.conn.open_uni().await else {
             return first(rx);
         };
@@ -341,7 +439,7 @@ impl PushStream {
             let mut batched = 0;
             while let Some(entry) = next.take() {
                 let frame = ServerFrame {
-                    body: Some(server_frame::Body::Entry((*entry).clone())),
+                    body: Some(server_frame::Body::Entry(entry.to_pb())),
                 };
                 if tern_protocol::frame::encode_frame(&frame, max, &mut bytes).is_err() {
                     tracing::error!(seq = entry.inbox_seq, "inbox entry too large for a frame");
@@ -356,7 +454,9 @@ impl PushStream {
                 return Some(first_seq);
             }
             if rx.is_empty() && self.overflowed.swap(false, Ordering::SeqCst) {
-                let _ = self.drained_tx.send((self.conversation.clone(), None));
+                self.session
+                    .push
+                    .report_drained(self.conversation.clone(), None);
             }
         }
         let _ = send.finish();

@@ -13,6 +13,7 @@ use tracing::error;
 /// mimalloc instead of glibc malloc: profiling `tern-bench direct` showed about 29% of the
 /// server's CPU in glibc's allocator (`_int_malloc`, `malloc_consolidate`, `free`), most of it
 /// on the storage writer thread, which builds every batch from many small allocations.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -262,15 +262,15 @@ impl Writer {
             .map(|c| c.members.keys().cloned().collect())
             .unwrap_or_default();
         audience.extend(extra.iter().cloned());
-        let event = pb::inbox_entry::Body::Event(pb::ConversationEvent {
+        let event = Arc::new(pb::inbox_entry::Body::Event(pb::ConversationEvent {
             conversation_id: id.to_string(),
             kind: kind as i32,
             actor: actor.to_owned(),
             subject: subject.to_owned(),
             at_ms: unix_now_ms(),
-        });
+        }));
         for user in &audience {
-            self.append_inbox(user, event.clone(), batch)?;
+            self.append_inbox(user, &event, batch)?;
         }
         Ok(())
     }
@@ -322,7 +322,7 @@ impl Writer {
         self.put_u64(&self.ks.marks.clone(), key, up_to, batch);
         let receipt = receipt(&id, user, ReceiptKind::Read, up_to);
         for sender in &senders {
-            self.append_inbox(sender, receipt.clone(), batch)?;
+            self.append_inbox(sender, &receipt, batch)?;
         }
         Ok(up_to)
     }
@@ -379,21 +379,26 @@ impl Writer {
             self.put_u64(&self.ks.marks.clone(), key, max_seq, batch);
             let receipt = receipt(&conv, user, ReceiptKind::Delivered, max_seq);
             for sender in &members {
-                self.append_inbox(sender, receipt.clone(), batch)?;
+                self.append_inbox(sender, &receipt, batch)?;
             }
         }
         Ok(())
     }
 }
 
-fn receipt(conversation: &str, user: &str, kind: ReceiptKind, up_to: u64) -> pb::inbox_entry::Body {
-    pb::inbox_entry::Body::Receipt(pb::Receipt {
+fn receipt(
+    conversation: &str,
+    user: &str,
+    kind: ReceiptKind,
+    up_to: u64,
+) -> Arc<pb::inbox_entry::Body> {
+    Arc::new(pb::inbox_entry::Body::Receipt(pb::Receipt {
         conversation_id: conversation.to_owned(),
         user_id: user.to_owned(),
         kind: kind as i32,
         up_to_seq: up_to,
         at_ms: unix_now_ms(),
-    })
+    }))
 }
 
 fn rank(role: MemberRole) -> u8 {

@@ -18,7 +18,7 @@ use tracing::error;
 
 use super::keys::{self, pair_key, prefix, seq_key};
 use super::{Keyspaces, Published, StoreError, StoreLimits};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, NewEntry};
 
 /// Most commands applied in one batch and one fsync.
 const MAX_GROUP: usize = 1024;
@@ -314,7 +314,8 @@ pub(super) type DeferredReply = Box<dyn FnOnce(Option<&str>) + Send>;
 /// What one group of commands has done so far, before its commit.
 #[derive(Default)]
 pub(super) struct Group {
-    pub touched_users: HashSet<Arc<str>>,
+    /// Entries appended to each user's inbox, in order, for delivery after the commit.
+    pub appended: HashMap<Arc<str>, Vec<NewEntry>>,
     pub touched_convs: HashSet<Arc<str>>,
     /// (sender, client message id) → outcome, for retries within one group.
     pub idem: HashMap<(Arc<str>, String), SendOutcome>,
@@ -371,10 +372,10 @@ impl Writer {
                             self.published.conv.insert(conv.clone(), c.last_seq);
                         }
                     }
-                    for user in &group.touched_users {
+                    for (user, entries) in &group.appended {
                         if let Some(&head) = self.inbox_heads.get(user) {
                             self.published.inbox.insert(user.clone(), head);
-                            self.delivery.inbox_advanced(user, head);
+                            self.delivery.inbox_appended(user, entries);
                         }
                     }
                     for reply in group.replies {
@@ -510,21 +511,40 @@ impl Writer {
         Ok(head)
     }
 
-    /// Appends an entry to `user`'s inbox; returns its inbox sequence.
+    /// Appends `body` to `user`'s inbox; returns its inbox sequence.
     pub(super) fn append_inbox(
         &mut self,
         user: &Arc<str>,
-        body: pb::inbox_entry::Body,
+        body: &Arc<pb::inbox_entry::Body>,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, StoreError> {
+        self.append_entry(user, body, body.clone(), batch)
+    }
+
+    /// Appends `stored` to `user`'s inbox, and hands `delivered` (the same entry as devices
+    /// see it: a message resolved from its reference) to delivery after the commit.
+    fn append_entry(
+        &mut self,
+        user: &Arc<str>,
+        stored: &pb::inbox_entry::Body,
+        delivered: Arc<pb::inbox_entry::Body>,
         batch: &mut WriteBatch,
     ) -> Result<u64, StoreError> {
         let seq = self.inbox_head(user)? + 1;
         let entry = pb::InboxEntry {
             inbox_seq: seq,
-            body: Some(body),
+            body: Some(stored.clone()),
         };
         batch.insert(&self.ks.inbox, seq_key(user, seq), entry.encode_to_vec());
         self.inbox_heads.insert(user.clone(), seq);
-        self.group.touched_users.insert(user.clone());
+        self.group
+            .appended
+            .entry(user.clone())
+            .or_default()
+            .push(NewEntry {
+                inbox_seq: seq,
+                body: delivered,
+            });
         Ok(seq)
     }
 
@@ -639,9 +659,12 @@ impl Writer {
             sender_device: device.to_string(),
             ..Default::default()
         });
+        // Delivery gets the message itself, shared by every member: pushers need not read
+        // back what was just written.
+        let delivered = Arc::new(pb::inbox_entry::Body::Message(message.clone()));
         let mut sender_inbox_seq = 0;
         for member in &members {
-            let inbox_seq = self.append_inbox(member, reference.clone(), batch)?;
+            let inbox_seq = self.append_entry(member, &reference, delivered.clone(), batch)?;
             if member == sender {
                 sender_inbox_seq = inbox_seq;
             }
