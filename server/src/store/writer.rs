@@ -324,6 +324,18 @@ pub(super) struct Group {
     pub replies: Vec<DeferredReply>,
 }
 
+impl Group {
+    /// Empties the group but keeps its tables' capacity: a busy writer then allocates
+    /// nothing per group for them (fresh tables each time showed up as page faults).
+    fn clear(&mut self) {
+        self.appended.clear();
+        self.touched_convs.clear();
+        self.idem.clear();
+        self.u64s.clear();
+        self.replies.clear();
+    }
+}
+
 pub(super) struct Writer {
     pub db: Database,
     pub ks: Keyspaces,
@@ -364,7 +376,7 @@ impl Writer {
                 Durability::Sync if wrote => self.db.persist(PersistMode::SyncAll),
                 _ => Ok(()),
             });
-            let group = std::mem::take(&mut self.group);
+            let group = &mut self.group;
             match result {
                 Ok(()) => {
                     for conv in &group.touched_convs {
@@ -378,7 +390,7 @@ impl Writer {
                             self.delivery.inbox_appended(user, entries);
                         }
                     }
-                    for reply in group.replies {
+                    for reply in group.replies.drain(..) {
                         reply(None);
                     }
                 }
@@ -389,12 +401,13 @@ impl Writer {
                     // the journal decides what survived.
                     error!(error = %e, "storage commit failed; refusing all further writes");
                     let reason = e.to_string();
-                    for reply in group.replies {
+                    for reply in group.replies.drain(..) {
                         reply(Some(&reason));
                     }
                     self.failed = true;
                 }
             }
+            group.clear();
         }
     }
 
