@@ -6,6 +6,7 @@
 //! never past the heads the writer has published as durable, so a device can never see an
 //! entry that a crash could take back.
 
+mod commit;
 mod groups;
 mod keys;
 mod reads;
@@ -90,7 +91,8 @@ pub(crate) struct Keyspaces {
 pub(crate) struct Published {
     pub inbox: DashMap<Arc<str>, u64>,
     pub conv: DashMap<Arc<str>, u64>,
-    /// Groups committed (one fsync each with `Durability::Sync`) and commands in them.
+    /// Groups committed (one fsync covers one or more with `Durability::Sync`) and commands
+    /// in them.
     pub groups: std::sync::atomic::AtomicU64,
     pub commands: std::sync::atomic::AtomicU64,
 }

@@ -1,15 +1,19 @@
 //! The single storage writer: sequences, atomic batches and group commit.
 //!
 //! Sessions send [`Command`]s over a bounded channel. The writer takes one, then everything
-//! else already queued (up to [`MAX_GROUP`]), applies them all to one fjall batch, commits it,
-//! fsyncs once (with [`Durability::Sync`]), publishes the new durable heads, tells delivery,
-//! and only then answers every command of the group. One fsync thus covers many messages, so
-//! the disk's fsync rate does not cap throughput.
+//! else already queued (up to [`MAX_GROUP`]), applies them all to one fjall batch and commits
+//! it. The group then goes to the fsync stage ([`super::commit`]), which fsyncs once (with
+//! [`Durability::Sync`]) for every group committed meanwhile, publishes the new durable heads,
+//! tells delivery, and only then answers the group's commands. One fsync thus covers many
+//! messages, so the disk's fsync rate does not cap throughput, and the writer applies the next
+//! group while the previous one is being synced.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
 
-use fjall::{Database, OwnedWriteBatch as WriteBatch, PersistMode};
+use fjall::{Database, OwnedWriteBatch as WriteBatch};
 use prost::Message as _;
 use serde::Deserialize;
 use tern_protocol::pb::{self, ConversationKind, MemberRole};
@@ -19,6 +23,8 @@ use tracing::error;
 use super::keys::{self, pair_key, prefix, seq_key};
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
+
+use super::commit;
 
 /// Most commands applied in one batch and one fsync.
 const MAX_GROUP: usize = 1024;
@@ -236,21 +242,35 @@ pub(super) fn spawn(
     delivery: Arc<dyn Delivery>,
 ) -> Result<WriterHandle, StoreError> {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (handoff, committed) = commit::channel();
+    let failed = Arc::new(AtomicBool::new(false));
+    let syncer = commit::Syncer {
+        db: db.clone(),
+        published: published.clone(),
+        delivery,
+        durability: limits.durability,
+        failed: failed.clone(),
+    };
     let writer = Writer {
         db,
         ks,
         published,
         limits,
-        delivery,
         convs: HashMap::new(),
         inbox_heads: HashMap::new(),
         group: Group::default(),
-        failed: false,
+        failed,
+        handoff,
     };
+    let io = |e| StoreError::Storage(fjall::Error::Io(e));
+    std::thread::Builder::new()
+        .name("tern-store-sync".into())
+        .spawn(move || syncer.run(committed))
+        .map_err(io)?;
     std::thread::Builder::new()
         .name("tern-store-writer".into())
         .spawn(move || writer.run(rx))
-        .map_err(|e| StoreError::Storage(fjall::Error::Io(e)))?;
+        .map_err(io)?;
     Ok(WriterHandle { tx })
 }
 
@@ -341,12 +361,13 @@ pub(super) struct Writer {
     pub ks: Keyspaces,
     pub published: Arc<Published>,
     pub limits: StoreLimits,
-    pub delivery: Arc<dyn Delivery>,
     pub convs: HashMap<Arc<str>, Conv>,
     pub inbox_heads: HashMap<Arc<str>, u64>,
     pub group: Group,
-    /// A commit failed: every later command is refused.
-    pub failed: bool,
+    /// A commit or fsync failed: every later command is refused.
+    pub failed: Arc<AtomicBool>,
+    /// Committed groups go to the fsync stage ([`commit`]).
+    pub handoff: SyncSender<commit::Handoff>,
 }
 
 impl Writer {
@@ -371,48 +392,36 @@ impl Writer {
                 .commands
                 .fetch_add(commands, std::sync::atomic::Ordering::Relaxed);
             let wrote = !batch.is_empty();
-            let result = batch.commit().and_then(|()| match self.limits.durability {
-                // A group of no-ops (repeated acks, refused sends) needs no fsync.
-                Durability::Sync if wrote => self.db.persist(PersistMode::SyncAll),
-                _ => Ok(()),
-            });
             let group = &mut self.group;
-            match result {
-                Ok(()) => {
-                    for conv in &group.touched_convs {
-                        if let Some(c) = self.convs.get(conv) {
-                            self.published.conv.insert(conv.clone(), c.last_seq);
-                        }
-                    }
-                    for (user, entries) in &group.appended {
-                        if let Some(&head) = self.inbox_heads.get(user) {
-                            self.published.inbox.insert(user.clone(), head);
-                            self.delivery.inbox_appended(user, entries);
-                        }
-                    }
-                    for reply in group.replies.drain(..) {
-                        reply(None);
-                    }
-                }
+            let handoff = match batch.commit() {
+                Ok(()) => Ok(commit::Committed {
+                    convs: group
+                        .touched_convs
+                        .drain()
+                        .filter_map(|id| {
+                            let last_seq = self.convs.get(&id)?.last_seq;
+                            Some((id, last_seq))
+                        })
+                        .collect(),
+                    appended: group.appended.drain().collect(),
+                    replies: std::mem::take(&mut group.replies),
+                    wrote,
+                }),
                 Err(e) => {
-                    // What reached the disk is unknown (a commit may have landed without its
-                    // fsync), so nothing read back could be trusted as durable. Refuse every
-                    // write from now on; the operator restarts the server, and recovery from
-                    // the journal decides what survived.
                     error!(error = %e, "storage commit failed; refusing all further writes");
-                    let reason = e.to_string();
-                    for reply in group.replies.drain(..) {
-                        reply(Some(&reason));
-                    }
-                    self.failed = true;
+                    self.failed.store(true, Ordering::SeqCst);
+                    Err((e.to_string(), std::mem::take(&mut group.replies)))
                 }
-            }
+            };
             group.clear();
+            if self.handoff.send(handoff).is_err() {
+                break;
+            }
         }
     }
 
     fn apply(&mut self, command: Command, batch: &mut WriteBatch) {
-        if self.failed {
+        if self.failed.load(Ordering::Relaxed) {
             command.refuse();
             return;
         }
@@ -492,9 +501,10 @@ impl Writer {
                 None => 0,
             };
             let id: Arc<str> = Arc::from(id);
-            // Everything on disk now is durable (earlier groups were synced before this one
-            // started), so the loaded head can be published at once; readers rely on a head
-            // being published before any newer entry is committed.
+            // Whatever is on disk for this conversation is durable: a group that touched it
+            // (and may still be waiting for its fsync) would have loaded it into this cache,
+            // which never forgets. So the loaded head can be published at once; readers rely
+            // on a head being published before any newer entry is committed.
             self.published.conv.insert(id.clone(), last_seq);
             let conv = Conv {
                 id: id.clone(),
