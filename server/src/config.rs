@@ -44,9 +44,10 @@ pub struct Config {
     /// handshake packets once ~100 handshakes are in flight; 4 MiB removes the drops (see
     /// shared/BASELINES.md). The kernel caps it at `net.core.rmem_max`.
     pub udp_buffer_bytes: usize,
-    /// Concurrent bidirectional streams a client may open: the control stream, one per active
-    /// conversation and a few requests. quinn pre-allocates per allowed stream (about 115 KB
-    /// per connection at 1,024), so this stays small; a client with more conversations active
+    /// Most concurrent bidirectional streams a client may open: the control stream, one per
+    /// active conversation and a few requests. quinn pre-allocates per allowed stream (about
+    /// 115 KB per connection at 1,024), so this stays small; a connection starts with 8 and is
+    /// granted more as it opens streams, up to this. A client with more conversations active
     /// reuses streams (they close when idle).
     pub max_client_bidi_streams: u32,
     /// UDP segmentation offload (GSO): several datagrams of one connection per send call.

@@ -114,8 +114,11 @@ fn transport_config(config: &Config) -> Result<TransportConfig, EndpointError> {
     let idle = IdleTimeout::try_from(config.idle_timeout())
         .map_err(|e| EndpointError::Quic(e.to_string()))?;
     transport.max_idle_timeout(Some(idle));
-    // Clients open the control stream, conversation streams and short request streams.
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(config.max_client_bidi_streams));
+    // Clients open the control stream, conversation streams and short request streams. A
+    // connection starts with a few and is granted more as it opens them (`StreamCredit`).
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(
+        crate::streams::INITIAL_BIDI_STREAMS.min(config.max_client_bidi_streams),
+    ));
     // Clients never open unidirectional streams; the server opens push streams.
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     // The server does not keep connections alive: the phone decides when its radio wakes.

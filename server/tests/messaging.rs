@@ -554,6 +554,30 @@ async fn idle_conversation_streams_close_so_many_conversations_fit_the_stream_li
 }
 
 #[tokio::test]
+async fn a_busy_client_is_granted_more_streams_than_it_starts_with() {
+    // A connection starts with 8 streams (tern_server::streams::INITIAL_BIDI_STREAMS) and is
+    // granted more as it opens them: 40 conversations at once must all stay open.
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let alice = std::sync::Arc::new(alice);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let alice = alice.clone();
+        sends.spawn(async move {
+            alice
+                .send(SendTarget::User(format!("user{i}")), "hi", None)
+                .await
+        });
+    }
+    let sent = tokio::time::timeout(Duration::from_secs(10), sends.join_all())
+        .await
+        .expect("sends stalled on stream credit");
+    assert!(sent.iter().all(|s| s.as_ref().is_ok_and(|s| s.seq == 1)));
+    assert_eq!(alice.open_conversation_streams().await, 40);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn large_messages_sync_in_pages_that_fit_a_frame() {
     let server = TestServer::start().await;
     let (alice, _a) = server.connect("alice", "phone").await;
