@@ -9,7 +9,7 @@ use tern_bench::{Cli, Scenario};
 /// The allocator tern-server uses, so that the forwarder (this binary) and tern compare on
 /// equal terms, and the clients cost the same in both runs.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -56,6 +56,12 @@ pub struct Config {
     /// 10,000 connections), while tern's small messages rarely fill a batch (`tern-bench
     /// direct` showed no difference in throughput). Turn it on for bulk-heavy deployments.
     pub segmentation_offload: bool,
+    /// Path MTU discovery: probe for packets larger than QUIC's 1,200-byte minimum. Off by
+    /// default: quinn keeps each connection's send buffer at the size of its largest packet
+    /// (1.3 KB more per idle connection with it on), chat messages fit 1,200 bytes anyway, and
+    /// mobile paths change MTU under a moving phone. Turn it on when most traffic is large
+    /// messages: they then take up to 17% fewer packets.
+    pub mtu_discovery: bool,
     /// TLS session tickets issued per connection. One: a phone resumes with it and gets a
     /// new one on every connection, and each ticket costs server memory (the session cache is
     /// stateful, for 0-RTT), so the 20,000-entry cache then covers 20,000 phones.
@@ -90,6 +96,7 @@ impl Default for Config {
             udp_buffer_bytes: 4 * 1024 * 1024,
             max_client_bidi_streams: 64,
             segmentation_offload: false,
+            mtu_discovery: false,
             session_tickets: 1,
             worker_threads: 1,
             durability: crate::store::Durability::Sync,

@@ -125,6 +125,10 @@ fn transport_config(config: &Config) -> Result<TransportConfig, EndpointError> {
     transport.keep_alive_interval(None);
     // See `Config::segmentation_offload`: memory per idle connection over batching.
     transport.enable_segmentation_offload(config.segmentation_offload);
+    // See `Config::mtu_discovery`: memory per idle connection over fewer packets for bulk.
+    if !config.mtu_discovery {
+        transport.mtu_discovery_config(None);
+    }
     Ok(transport)
 }
 
