@@ -370,7 +370,7 @@ async fn keep_in_sync(
         let gap = lock(&inner.inbox).stale_gap(GAP_PATIENCE);
         let healthy = inner.flush_ack(&link).await.is_ok()
             && match gap {
-                Some(cursor) => inner.sync_on(&link, cursor, true).await.is_ok(),
+                Some(cursor) => inner.fill_gap(&link, cursor).await.is_ok(),
                 None => true,
             };
         if !healthy {

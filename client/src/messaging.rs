@@ -433,6 +433,18 @@ impl Inner {
         self.read_sync(reader, emit).await
     }
 
+    /// Syncs after `cursor` to fill a gap that stayed open, without the sync gate: pushes of
+    /// every conversation go on meanwhile. Holding them back made one conversation's slow
+    /// entries (the usual cause of a gap: small messages overtook large ones queued on
+    /// another push stream) delay all the others, the head-of-line blocking streams exist to
+    /// avoid. Each conversation's events stay in order without the gate: its push stream and
+    /// the sync both deliver its entries in order, and an entry is reported on its first
+    /// arrival only, so no entry can be reported before an earlier one of its conversation.
+    pub(crate) async fn fill_gap(&self, link: &Link, cursor: u64) -> Result<(), ClientError> {
+        let reader = open_sync(&link.conn, cursor, self.max_frame).await?;
+        self.read_sync_gated(reader, true).await.map(drop)
+    }
+
     /// Reads a sync's pages from its response stream.
     pub(crate) async fn read_sync(
         &self,
