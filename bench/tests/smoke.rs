@@ -76,6 +76,10 @@ async fn migration() {
     ])
     .await;
     assert!(json["migrations"].as_u64().unwrap() > 0);
+    // The same traffic and rebinds against the relay baseline, for the ratios.
+    assert!(json["baseline_migrations"].as_u64().unwrap() > 0);
+    assert_eq!(json["baseline_lost"], 0);
+    assert!(json["p99_ratio_to_baseline"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -10,17 +10,33 @@ use serde_json::json;
 
 use crate::cli::{Common, MigrationArgs};
 use crate::clients::{self, PoolOptions};
-use crate::output::{Outcome, Plot, Summary};
+use crate::output::{Outcome, Plot, Summary, ratio, round};
 use crate::server::{Kind, Server};
 use crate::traffic::{self, Plan, Receivers};
 
 const DEFAULT_CLIENTS: usize = 20;
 const DEFAULT_SECS: f64 = 10.0;
 
-pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcome> {
-    let server = Server::start(Kind::Tern, &common.server_options())?;
+/// One run against a fresh `kind` server.
+struct MigrationRun {
+    summary: Summary,
+    sent: traffic::Sent,
+    migrations: u64,
+    migrate_errors: u64,
+    reconnects: u64,
+    rss_kb: Option<u64>,
+    placement: &'static str,
+}
+
+async fn migration_run(
+    common: &Common,
+    args: &MigrationArgs,
+    kind: Kind,
+) -> anyhow::Result<MigrationRun> {
+    let server = Server::start(kind, &common.server_options())?;
     let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
-    let users = super::users("mig", n);
+    let prefix = if kind == Kind::Tern { "mig" } else { "migb" };
+    let users = super::users(prefix, n);
     // Each client on its own socket: rebinding moves every connection of an endpoint.
     let pool =
         clients::connect_all(&server, &users, PoolOptions { per_endpoint: 0 }, |_| {}).await?;
@@ -44,23 +60,62 @@ pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcom
         .await;
     let seen = receivers.finish().await;
     let reconnects: u64 = clients.iter().map(|c| c.stats().reconnects).sum();
-    let summary = Summary::of(&sent, &seen);
-    let mut json = summary.json("migration", server.rss_kb());
-    json.insert("migrations".into(), json!(migrations));
-    json.insert("reconnects".into(), json!(reconnects));
-    json.insert("migrate_errors".into(), json!(migrate_errors));
-    json.insert("clients".into(), json!(n));
-    json.insert("rate".into(), json!(args.rate));
-    json.insert("send_errors".into(), json!(sent.errors));
-    super::add_quantiles(&mut json, "ack", &sent.ack_latency);
-    json.insert("server".into(), json!(server.placement));
+    let rss_kb = server.rss_kb();
     drop(flows);
     super::close_all(clients).await;
+    Ok(MigrationRun {
+        summary: Summary::of(&sent, &seen),
+        sent,
+        migrations,
+        migrate_errors,
+        reconnects,
+        rss_kb,
+        placement: server.placement,
+    })
+}
+
+/// Runs against the relay-baseline forwarder (bare quinn migrates the same way), then tern,
+/// and reports tern's figures with their ratios to the baseline's.
+pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcome> {
+    let base = migration_run(common, args, Kind::Forwarder).await?;
+    let run = migration_run(common, args, Kind::Tern).await?;
+    let (t, b) = (&run.summary, &base.summary);
+    let mut json = t.json("migration", run.rss_kb);
+    json.insert("migrations".into(), json!(run.migrations));
+    json.insert("reconnects".into(), json!(run.reconnects));
+    json.insert("migrate_errors".into(), json!(run.migrate_errors));
+    json.insert(
+        "clients".into(),
+        json!(common.clients_or(DEFAULT_CLIENTS).max(2) & !1),
+    );
+    json.insert("rate".into(), json!(args.rate));
+    json.insert("send_errors".into(), json!(run.sent.errors));
+    super::add_quantiles(&mut json, "ack", &run.sent.ack_latency);
+    json.insert("server".into(), json!(run.placement));
+    json.insert("baseline_msgs_per_s".into(), json!(round(b.msgs_per_s)));
+    json.insert("baseline_lost".into(), json!(b.lost));
+    json.insert("baseline_duplicated".into(), json!(b.duplicated));
+    json.insert("baseline_migrations".into(), json!(base.migrations));
+    json.insert("baseline_reconnects".into(), json!(base.reconnects));
+    super::add_quantiles(&mut json, "baseline", &b.latency);
+    let q = |s: &Summary, p| crate::probe::quantile_ms(&s.latency, p);
+    json.insert(
+        "ratio_to_baseline".into(),
+        ratio(t.msgs_per_s, b.msgs_per_s),
+    );
+    json.insert("p50_ratio_to_baseline".into(), ratio(q(t, 0.5), q(b, 0.5)));
+    json.insert(
+        "p99_ratio_to_baseline".into(),
+        ratio(q(t, 0.99), q(b, 0.99)),
+    );
     Ok(Outcome {
         json,
         plots: vec![Plot::Latency {
             title: "migration: send → delivered while clients rebind".into(),
-            series: vec![("migration".into(), summary.latency)],
+            series: vec![
+                ("migration".into(), run.summary.latency),
+                ("relay-baseline".into(), base.summary.latency),
+            ],
         }],
     })
 }
