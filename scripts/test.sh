@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "disk"
+# A CI build once ran out of disk; print what there is so a failure says why.
+df -h . || true
+if [[ -n "${CI:-}" ]]; then
+    # Incremental state is ~2 GB that a one-off build never reuses.
+    export CARGO_INCREMENTAL=0
+fi
+
 step "dependencies"
 if ! python3 -c 'import aioquic' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check aioquic
