@@ -26,7 +26,9 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build"
-cargo build --workspace --lib --bins --locked
+# Every target, tests included: one feature selection (dev-dependencies unified), so the test
+# step and the bindings step below reuse these artifacts instead of recompiling shared crates.
+cargo build --workspace --all-targets --locked
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -1,16 +1,23 @@
 #!/bin/bash
-B=/work/main/target/release/tern-bench
-R=/tmp/results3
+# The runs behind bench/README.md's results. Every scenario runs its relay-baseline first, in
+# the same invocation. Usage: campaign.sh OUT_DIR (after a release build of tern-bench and
+# tern-server). About 25 minutes on the 2-core machine.
+set -u
+B=$(cd "$(dirname "$0")/../.." && pwd)/target/release/tern-bench
+R=${1:?usage: campaign.sh OUT_DIR}
+mkdir -p "$R"
 cd /tmp
-rm -f $R/direct.jsonl
-for run in 1 2 3 4 5; do $B direct --json --report $R/report-direct 2>>$R/campaign.log | tail -1 >> $R/direct.jsonl; done
-for run in 1 2 3; do $B direct --in-flight 32 --json 2>>$R/campaign.log | tail -1 >> $R/direct-inflight32.jsonl; done
-for run in 1 2 3; do
-  $B hol --json --report $R/report-hol 2>>$R/campaign.log | tail -1 >> $R/hol.jsonl
-  $B hol --same-recipient --json 2>>$R/campaign.log | tail -1 >> $R/hol-same-recipient.jsonl
-  $B group --json --report $R/report-group 2>>$R/campaign.log | tail -1 >> $R/group.jsonl
-  $B offline-sync --json 2>>$R/campaign.log | tail -1 >> $R/offline-sync.jsonl
-  $B migration --json --report $R/report-migration 2>>$R/campaign.log | tail -1 >> $R/migration.jsonl
-  $B soak --json --report $R/report-soak 2>>$R/campaign.log | tail -1 >> $R/soak.jsonl
+run() { # run NAME ARGS...: one run, its JSON line appended to NAME.jsonl
+    local name=$1; shift
+    "$B" "$@" --json 2>>"$R/campaign.log" | tail -1 >> "$R/$name.jsonl"
+}
+for i in 1 2 3 4 5; do run direct direct --report "$R/report-direct"; done
+for i in 1 2 3; do
+    run hol hol --report "$R/report-hol"
+    run group group --report "$R/report-group"
+    run offline-sync offline-sync --report "$R/report-offline-sync"
+    run migration migration --report "$R/report-migration"
+    run soak soak --report "$R/report-soak"
+    run connections connections --report "$R/report-connections"
 done
-echo done > $R/campaign.done
+echo done > "$R/campaign.done"

@@ -50,6 +50,10 @@ pub struct Common {
     /// The tern-server binary [default: next to tern-bench].
     #[arg(long, global = true)]
     pub server_bin: Option<PathBuf>,
+    /// Skip the relay-baseline run that each scenario makes first (no `baseline_*` figures
+    /// and no ratios).
+    #[arg(long, global = true)]
+    pub no_baseline: bool,
 }
 
 impl Common {
@@ -122,9 +126,6 @@ pub struct DirectArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 100)]
     pub size: usize,
-    /// `direct` only: skip the relay-baseline run (no ratios).
-    #[arg(long)]
-    pub no_baseline: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -153,8 +154,8 @@ pub struct ConnectionsArgs {
     /// Seconds to hold the idle connections before measuring RSS.
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
-    /// Connect to the relay-baseline forwarder instead of tern: what quinn with tern's
-    /// transport settings costs alone, to tell it apart from tern's own state.
+    /// Measure the relay-baseline forwarder alone, without tern: what quinn with tern's
+    /// transport settings costs, to tell it apart from tern's own state.
     #[arg(long)]
     pub forwarder: bool,
 }

@@ -6,7 +6,9 @@
 //! `direct` are what the baseline exists to leave out:
 //! - no auth: the token is taken as the user id, unverified;
 //! - no storage: sequences are in-memory counters, and a message is acknowledged and pushed as
-//!   soon as it is read. Messages to a user who is not connected are dropped (and counted).
+//!   soon as it is read. Groups live in memory. A message to a user who is not connected is
+//!   kept in memory until the user syncs (so `offline-sync` has a baseline); nothing is kept
+//!   for connected users, so a sync returns only what arrived while offline.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,19 +23,38 @@ use tokio::sync::mpsc;
 
 use crate::frames::{MAX_FRAME, Reader, server_bytes};
 
-/// Everyone connected.
+/// Everyone connected, every inbox and every group.
 #[derive(Debug, Default)]
 struct Hub {
     users: Mutex<HashMap<String, Arc<Peer>>>,
+    inboxes: Mutex<HashMap<String, Arc<Inbox>>>,
     conversations: Mutex<HashMap<String, u64>>,
-    dropped: AtomicU64,
+    /// Group id → members (the creator included).
+    groups: Mutex<HashMap<String, Arc<[String]>>>,
+    groups_created: AtomicU64,
+}
+
+impl Hub {
+    fn inbox(&self, user: &str) -> Arc<Inbox> {
+        lock(&self.inboxes)
+            .entry(user.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+/// A user's inbox: its sequence, and what arrived while the user was offline.
+#[derive(Debug, Default)]
+struct Inbox {
+    head: AtomicU64,
+    offline: Mutex<Vec<pb::InboxEntry>>,
 }
 
 /// One connected user (one device).
 #[derive(Debug)]
 struct Peer {
     conn: quinn::Connection,
-    inbox: AtomicU64,
+    inbox: Arc<Inbox>,
     /// Per conversation, the queue of the task writing its push stream.
     pushes: Mutex<HashMap<String, mpsc::UnboundedSender<Bytes>>>,
 }
@@ -92,7 +113,7 @@ async fn serve(hub: Arc<Hub>, incoming: quinn::Incoming) {
     let user = hello.token;
     let peer = Arc::new(Peer {
         conn: conn.clone(),
-        inbox: AtomicU64::new(0),
+        inbox: hub.inbox(&user),
         pushes: Mutex::default(),
     });
     lock(&hub.users).insert(user.clone(), peer.clone());
@@ -157,10 +178,12 @@ async fn serve_stream(
     match reader.client().await {
         Some(client_frame::Body::OpenConversation(open)) => {
             while let Some(client_frame::Body::Send(msg)) = reader.client().await {
-                let target = if open.direct_peer.is_empty() {
-                    &msg.direct_peer
-                } else {
-                    &open.direct_peer
+                let target = match (open.direct_peer.is_empty(), open.conversation_id.is_empty()) {
+                    (false, _) => Target::Direct(&open.direct_peer),
+                    (true, false) => Target::Group(&open.conversation_id),
+                    // Multiplexed (the `hol` comparison): each send names its target.
+                    (true, true) if !msg.direct_peer.is_empty() => Target::Direct(&msg.direct_peer),
+                    (true, true) => Target::Group(&msg.conversation_id),
                 };
                 let ack = forward(&hub, &peer, &user, target, msg.clone());
                 if write(&mut send, server_frame::Body::SendAck(ack))
@@ -173,16 +196,17 @@ async fn serve_stream(
             let _ = send.finish();
         }
         Some(client_frame::Body::Request(pb::Request {
-            body: Some(request::Body::Sync(_)),
+            body: Some(request::Body::Sync(sync)),
         })) => {
-            // Nothing is stored, so there is nothing to catch up on.
-            let page = pb::SyncPage {
-                entries: Vec::new(),
-                complete: true,
-                inbox_head: peer.inbox.load(Ordering::Relaxed),
-            };
+            let _ = answer_sync(&peer.inbox, &sync, &mut send).await;
+            let _ = send.finish();
+        }
+        Some(client_frame::Body::Request(pb::Request {
+            body: Some(request::Body::CreateGroup(create)),
+        })) => {
+            let conversation = create_group(&hub, &user, create);
             let body = server_frame::Body::Response(pb::Response {
-                body: Some(response::Body::SyncPage(page)),
+                body: Some(response::Body::Conversation(conversation)),
             });
             let _ = write(&mut send, body).await;
             let _ = send.finish();
@@ -193,9 +217,97 @@ async fn serve_stream(
     }
 }
 
-/// Numbers the message, pushes it to the recipient if connected, and returns the sender's ack.
-fn forward(hub: &Hub, sender: &Peer, user: &str, to: &str, msg: pb::SendMessage) -> pb::SendAck {
-    let conversation_id = tern_protocol::ids::direct_conversation_id(user, to);
+/// Sends what arrived while the user was offline after `since`, in pages.
+async fn answer_sync(
+    inbox: &Inbox,
+    sync: &pb::SyncRequest,
+    send: &mut quinn::SendStream,
+) -> anyhow::Result<()> {
+    let page_size = match sync.page_size {
+        0 => tern_server::MAX_SYNC_PAGE,
+        n => n.min(tern_server::MAX_SYNC_PAGE),
+    } as usize;
+    let entries: Vec<pb::InboxEntry> = lock(&inbox.offline)
+        .iter()
+        .filter(|e| e.inbox_seq > sync.since_inbox_seq)
+        .cloned()
+        .collect();
+    let inbox_head = inbox.head.load(Ordering::Relaxed);
+    let mut pages = entries.chunks(page_size.max(1)).peekable();
+    if pages.peek().is_none() {
+        let page = pb::SyncPage {
+            entries: Vec::new(),
+            complete: true,
+            inbox_head,
+        };
+        return write(send, sync_page(page)).await;
+    }
+    while let Some(chunk) = pages.next() {
+        let page = pb::SyncPage {
+            entries: chunk.to_vec(),
+            complete: pages.peek().is_none(),
+            inbox_head,
+        };
+        write(send, sync_page(page)).await?;
+    }
+    Ok(())
+}
+
+fn sync_page(page: pb::SyncPage) -> server_frame::Body {
+    server_frame::Body::Response(pb::Response {
+        body: Some(response::Body::SyncPage(page)),
+    })
+}
+
+fn create_group(hub: &Hub, creator: &str, create: pb::CreateGroup) -> pb::Conversation {
+    let n = hub.groups_created.fetch_add(1, Ordering::Relaxed) + 1;
+    let conversation_id = format!("g{n}");
+    let mut members = vec![creator.to_owned()];
+    for member in create.members {
+        if !members.contains(&member) {
+            members.push(member);
+        }
+    }
+    let listed = members
+        .iter()
+        .map(|user_id| pb::Member {
+            user_id: user_id.clone(),
+            role: pb::MemberRole::Member as i32,
+        })
+        .collect();
+    let conversation = pb::Conversation {
+        conversation_id: conversation_id.clone(),
+        kind: pb::ConversationKind::Group as i32,
+        name: create.name,
+        members: listed,
+        created_at_ms: tern_server::auth::unix_now_ms(),
+        member_count: members.len() as u32,
+        ..Default::default()
+    };
+    lock(&hub.groups).insert(conversation_id, members.into());
+    conversation
+}
+
+/// Where a send goes.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    Direct(&'a str),
+    Group(&'a str),
+}
+
+/// Numbers the message, pushes it to each recipient (or keeps it for one who is offline), and
+/// returns the sender's ack.
+fn forward(
+    hub: &Hub,
+    sender: &Peer,
+    user: &str,
+    target: Target<'_>,
+    msg: pb::SendMessage,
+) -> pb::SendAck {
+    let (conversation_id, members) = match target {
+        Target::Direct(to) => (tern_protocol::ids::direct_conversation_id(user, to), None),
+        Target::Group(id) => (id.to_owned(), lock(&hub.groups).get(id).cloned()),
+    };
     let seq = {
         let mut conversations = lock(&hub.conversations);
         let seq = conversations.entry(conversation_id.clone()).or_insert(0);
@@ -203,51 +315,67 @@ fn forward(hub: &Hub, sender: &Peer, user: &str, to: &str, msg: pb::SendMessage)
         *seq
     };
     let sent_at_ms = tern_server::auth::unix_now_ms();
-    let message = pb::Message {
+    let ack = pb::SendAck {
+        client_message_id: msg.client_message_id.clone(),
         message_id: tern_protocol::ids::message_id(&conversation_id, seq),
         conversation_id: conversation_id.clone(),
         seq,
+        sent_at_ms,
+        duplicate: false,
+        inbox_seq: sender.inbox.head.fetch_add(1, Ordering::Relaxed) + 1,
+    };
+    let message = pb::Message {
+        message_id: ack.message_id.clone(),
+        conversation_id,
+        seq,
         sender: user.to_owned(),
         sender_device: "bench".into(),
-        client_message_id: msg.client_message_id.clone(),
+        client_message_id: msg.client_message_id,
         sent_at_ms,
         text: msg.text,
         payload: msg.payload,
     };
+    match (target, members) {
+        (Target::Direct(to), _) => deliver(hub, to, message),
+        (Target::Group(_), Some(members)) => {
+            for member in members.iter().filter(|m| *m != user) {
+                deliver(hub, member, message.clone());
+            }
+        }
+        // An unknown group: acknowledged and dropped, as nothing here checks membership.
+        (Target::Group(_), None) => {}
+    }
+    ack
+}
+
+fn deliver(hub: &Hub, to: &str, message: pb::Message) {
     let recipient = lock(&hub.users).get(to).cloned();
     match recipient {
-        Some(recipient) => push(&recipient, &conversation_id, message),
+        Some(recipient) => push(&recipient, message),
         None => {
-            hub.dropped.fetch_add(1, Ordering::Relaxed);
+            let inbox = hub.inbox(to);
+            let entry = pb::InboxEntry {
+                inbox_seq: inbox.head.fetch_add(1, Ordering::Relaxed) + 1,
+                body: Some(pb::inbox_entry::Body::Message(message)),
+            };
+            lock(&inbox.offline).push(entry);
         }
-    }
-    pb::SendAck {
-        client_message_id: msg.client_message_id,
-        message_id: tern_protocol::ids::message_id(&conversation_id, seq),
-        conversation_id,
-        seq,
-        sent_at_ms,
-        duplicate: false,
-        inbox_seq: sender.inbox.fetch_add(1, Ordering::Relaxed) + 1,
     }
 }
 
-fn push(recipient: &Arc<Peer>, conversation_id: &str, message: pb::Message) {
+fn push(recipient: &Arc<Peer>, message: pb::Message) {
+    let conversation_id = message.conversation_id.clone();
     let entry = pb::InboxEntry {
-        inbox_seq: recipient.inbox.fetch_add(1, Ordering::Relaxed) + 1,
+        inbox_seq: recipient.inbox.head.fetch_add(1, Ordering::Relaxed) + 1,
         body: Some(pb::inbox_entry::Body::Message(message)),
     };
     let Ok(bytes) = server_bytes(server_frame::Body::Entry(entry)) else {
         return;
     };
     let mut pushes = lock(&recipient.pushes);
-    let queue = pushes.entry(conversation_id.to_owned()).or_insert_with(|| {
+    let queue = pushes.entry(conversation_id.clone()).or_insert_with(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(push_stream(
-            recipient.conn.clone(),
-            conversation_id.to_owned(),
-            rx,
-        ));
+        tokio::spawn(push_stream(recipient.conn.clone(), conversation_id, rx));
         tx
     });
     let _ = queue.send(bytes);

@@ -1,5 +1,6 @@
-//! Every scenario, in-process with tiny counts: it runs, and nothing is lost or duplicated.
-//! No timing assertions: CI machines vary too much.
+//! Every scenario, in-process with tiny counts: it runs against tern and against the relay
+//! baseline, nothing is lost or duplicated by either, and the ratios are reported. No timing
+//! assertions: CI machines vary too much.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clap::Parser as _;
@@ -18,32 +19,73 @@ async fn run(args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
         json["delivered"].as_u64().unwrap() > 0,
         "{args:?}: {json:?}"
     );
+    assert_baseline(&json);
     json
+}
+
+/// The same-run baseline ran cleanly and the ratios to it are there.
+fn assert_baseline(json: &serde_json::Map<String, serde_json::Value>) {
+    assert_eq!(json["baseline_lost"], 0, "{json:?}");
+    assert_eq!(json["baseline_duplicated"], 0, "{json:?}");
+    for key in [
+        "ratio_to_baseline",
+        "p50_ratio_to_baseline",
+        "p99_ratio_to_baseline",
+    ] {
+        assert!(json[key].as_f64().unwrap() > 0.0, "{key}: {json:?}");
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn direct_with_its_baseline() {
     let json = run(&["direct", "--duration", "1", "--clients", "4"]).await;
-    assert!(json["ratio_to_baseline"].as_f64().is_some());
-    assert_eq!(json["baseline_lost"], 0);
+    assert!(json["baseline_msgs_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_baseline_skips_it() {
+    let argv = [
+        "tern-bench",
+        "direct",
+        "--duration",
+        "1",
+        "--clients",
+        "2",
+        "--no-baseline",
+        "--server",
+        "in-process",
+    ];
+    let cli = Cli::try_parse_from(argv).unwrap();
+    let outcome = tern_bench::run(&cli.common, &cli.scenario).await.unwrap();
+    assert_eq!(outcome.json["lost"], 0);
+    assert!(!outcome.json.contains_key("ratio_to_baseline"));
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn group_fan_out() {
     let json = run(&["group", "--sizes", "2,5", "--messages", "5", "--rate", "50"]).await;
     assert_eq!(json["groups"][1]["complete"], 5);
+    assert!(
+        json["last_member_p99_ratio_to_baseline_5"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn connections_and_storm() {
     let json = run(&["connections", "--clients", "20", "--settle", "0"]).await;
     assert_eq!(json["delivered"], 20);
+    assert!(json["handshakes_ratio_to_baseline"].as_f64().unwrap() > 0.0);
+    assert!(json["baseline_storm_secs"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn offline_sync() {
     let json = run(&["offline-sync", "--backlog", "300", "--runs", "1"]).await;
     assert_eq!(json["delivered"], 300);
+    assert!(json["sync_ms_ratio_to_baseline"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -61,6 +103,7 @@ async fn hol_both_modes() {
     ])
     .await;
     assert!(json["p99_ms_single_stream"].as_f64().unwrap() > 0.0);
+    assert!(json["bulk_ratio_to_baseline"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -78,8 +121,6 @@ async fn migration() {
     assert!(json["migrations"].as_u64().unwrap() > 0);
     // The same traffic and rebinds against the relay baseline, for the ratios.
     assert!(json["baseline_migrations"].as_u64().unwrap() > 0);
-    assert_eq!(json["baseline_lost"], 0);
-    assert!(json["p99_ratio_to_baseline"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -98,6 +139,7 @@ async fn soak_and_report() {
     let outcome = tern_bench::run(&cli.common, &cli.scenario).await.unwrap();
     assert_eq!(outcome.json["lost"], 0);
     assert_eq!(outcome.json["duplicated"], 0);
+    assert_baseline(&outcome.json);
     let dir = tempfile::tempdir().unwrap();
     let path = tern_bench::report::write(dir.path(), &outcome).unwrap();
     let html = std::fs::read_to_string(path).unwrap();

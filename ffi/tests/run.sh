@@ -11,7 +11,7 @@ bindings="$(realpath -m "$target_dir/bindings")"
 echo "== generating bindings"
 # The same selection as scripts/test.sh's build step, so that after it this is a no-op: a
 # build of just tern-ffi would unify features differently and recompile shared crates.
-cargo build -q --workspace --lib --bins --locked
+cargo build -q --workspace --all-targets --locked
 ffi/scripts/generate-bindings.sh --no-build "$bindings"
 
 echo "== README snippets match the Kotlin test"

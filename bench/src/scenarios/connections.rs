@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use hdrhistogram::Histogram;
 use serde_json::json;
 use tern_client::SendTarget;
 use tokio::sync::Semaphore;
@@ -31,12 +32,123 @@ const ATTEMPTS: u32 = 6;
 /// First backoff ceiling (tern-client's default); doubles per attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 
+/// One server's figures.
+struct ConnRun {
+    summary: Summary,
+    n: usize,
+    connect_secs: f64,
+    connect_latency: Histogram<u64>,
+    connect_retries: u64,
+    rss_before: Option<u64>,
+    rss_after: Option<u64>,
+    per_conn: Option<f64>,
+    fds: Option<u64>,
+    storm_secs: f64,
+    storm_latency: Histogram<u64>,
+    storm_retries: u64,
+    storm_sessions: usize,
+    udp_rcvbuf_errors: Option<u64>,
+    send_errors: u64,
+    placement: &'static str,
+}
+
+impl ConnRun {
+    fn handshakes_per_s(&self) -> f64 {
+        self.n as f64 / self.connect_secs.max(1e-9)
+    }
+}
+
+/// Runs against the relay-baseline forwarder, then tern (each in a fresh process), and
+/// reports tern's figures with their ratios to the baseline's; `--forwarder` measures the
+/// forwarder alone.
 pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outcome> {
-    let kind = if args.forwarder {
-        Kind::Forwarder
+    if args.forwarder {
+        let base = measure(common, args, Kind::Forwarder).await?;
+        let mut outcome = describe(&base, args);
+        outcome
+            .json
+            .insert("server".into(), json!("relay-baseline forwarder"));
+        return Ok(outcome);
+    }
+    let base = if common.no_baseline {
+        None
     } else {
-        Kind::Tern
+        Some(measure(common, args, Kind::Forwarder).await?)
     };
+    let run = measure(common, args, Kind::Tern).await?;
+    let mut outcome = describe(&run, args);
+    if let Some(base) = base {
+        let json = &mut outcome.json;
+        super::add_baseline(json, &run.summary, &base.summary);
+        json.insert(
+            "baseline_handshakes_per_s".into(),
+            json!(round(base.handshakes_per_s())),
+        );
+        json.insert(
+            "handshakes_ratio_to_baseline".into(),
+            ratio(run.handshakes_per_s(), base.handshakes_per_s()),
+        );
+        json.insert(
+            "baseline_server_rss_kb_per_conn".into(),
+            json!(base.per_conn.map(round)),
+        );
+        if let (Some(t), Some(b)) = (run.per_conn, base.per_conn) {
+            json.insert("rss_per_conn_ratio_to_baseline".into(), ratio(t, b));
+        }
+        json.insert("baseline_storm_secs".into(), json!(round(base.storm_secs)));
+        json.insert(
+            "storm_secs_ratio_to_baseline".into(),
+            ratio(run.storm_secs, base.storm_secs),
+        );
+        if let Some(Plot::Latency { series, .. }) = outcome.plots.first_mut() {
+            series.push(("relay-baseline: connecting".into(), base.connect_latency));
+            series.push(("relay-baseline: storm".into(), base.storm_latency));
+        }
+    }
+    Ok(outcome)
+}
+
+fn describe(run: &ConnRun, args: &ConnectionsArgs) -> Outcome {
+    let n = run.n;
+    let mut json = run.summary.json("connections", run.rss_after);
+    json.insert("connections".into(), json!(n));
+    json.insert(
+        "handshakes_per_s".into(),
+        json!(round(run.handshakes_per_s())),
+    );
+    super::add_quantiles(&mut json, "connect", &run.connect_latency);
+    json.insert("server_rss_kb_before".into(), json!(run.rss_before));
+    json.insert(
+        "server_rss_kb_per_conn".into(),
+        json!(run.per_conn.map(round)),
+    );
+    json.insert("server_fds".into(), json!(run.fds));
+    json.insert("connect_retries".into(), json!(run.connect_retries));
+    json.insert("storm_secs".into(), json!(round(run.storm_secs)));
+    json.insert("storm_retries".into(), json!(run.storm_retries));
+    json.insert("udp_rcvbuf_errors".into(), json!(run.udp_rcvbuf_errors));
+    json.insert(
+        "storm_reconnects_per_s".into(),
+        ratio(run.storm_sessions as f64, run.storm_secs),
+    );
+    json.insert("send_errors".into(), json!(run.send_errors));
+    json.insert("server".into(), json!(run.placement));
+    Outcome {
+        json,
+        plots: vec![Plot::Latency {
+            title: "connections: connect + Hello + sync, per client".into(),
+            series: vec![
+                (
+                    format!("{n} connecting, {} at a time", args.concurrency),
+                    run.connect_latency.clone(),
+                ),
+                (format!("storm: {n} at once"), run.storm_latency.clone()),
+            ],
+        }],
+    }
+}
+
+async fn measure(common: &Common, args: &ConnectionsArgs, kind: Kind) -> anyhow::Result<ConnRun> {
     let server = Server::start(kind, &common.server_options())?;
     let n = common.clients_or(DEFAULT_CLIENTS);
     let users = super::users("c", n);
@@ -83,20 +195,6 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     };
     tracing::info!(n, connect_secs, ?per_conn, "idle connections open");
 
-    if args.forwarder {
-        // The forwarder stores nothing, so there is no storm to check: RSS only.
-        let summary = Summary::of(&Sent::nothing(), &Tracker::default());
-        let mut json = summary.json("connections", rss_after);
-        json.insert("connections".into(), json!(n));
-        json.insert("server_rss_kb_before".into(), json!(rss_before));
-        json.insert("server_rss_kb_per_conn".into(), json!(per_conn.map(round)));
-        json.insert("server".into(), json!("relay-baseline forwarder"));
-        drop((sessions, warmup));
-        return Ok(Outcome {
-            json,
-            plots: Vec::new(),
-        });
-    }
     // The storm: everyone offline, a message for each, everyone back at once.
     for session in &sessions {
         session.conn.close(0u32.into(), b"storm");
@@ -125,46 +223,26 @@ pub async fn run(common: &Common, args: &ConnectionsArgs) -> anyhow::Result<Outc
     seen.last_arrival = Some(Instant::now());
     let mut summary = Summary::of(&sent, &seen);
     summary.msgs_per_s = seen.delivered as f64 / storm_secs.max(1e-9);
-    let mut json = summary.json("connections", rss_after);
-    json.insert("connections".into(), json!(n));
-    json.insert(
-        "handshakes_per_s".into(),
-        json!(round(n as f64 / connect_secs)),
-    );
-    super::add_quantiles(&mut json, "connect", &connect_latency);
-    json.insert("server_rss_kb_before".into(), json!(rss_before));
-    json.insert("server_rss_kb_per_conn".into(), json!(per_conn.map(round)));
-    json.insert("server_fds".into(), json!(fds));
-    json.insert("connect_retries".into(), json!(connect_retries));
-    json.insert("storm_secs".into(), json!(round(storm_secs)));
-    json.insert("storm_retries".into(), json!(storm_retries));
-    json.insert(
-        "udp_rcvbuf_errors".into(),
-        json!(
-            drops_after
-                .zip(drops_before)
-                .map(|(a, b)| a.saturating_sub(b))
-        ),
-    );
-    json.insert(
-        "storm_reconnects_per_s".into(),
-        ratio(storm.len() as f64, storm_secs),
-    );
-    json.insert("send_errors".into(), json!(sent.errors));
-    json.insert("server".into(), json!(server.placement));
     drop(warmup);
-    Ok(Outcome {
-        json,
-        plots: vec![Plot::Latency {
-            title: "connections: connect + Hello + sync, per client".into(),
-            series: vec![
-                (
-                    format!("{n} connecting, {} at a time", args.concurrency),
-                    connect_latency,
-                ),
-                (format!("storm: {n} at once"), storm_latency),
-            ],
-        }],
+    Ok(ConnRun {
+        summary,
+        n,
+        connect_secs,
+        connect_latency,
+        connect_retries,
+        rss_before,
+        rss_after,
+        per_conn,
+        fds,
+        storm_secs,
+        storm_latency,
+        storm_retries,
+        storm_sessions: storm.len(),
+        udp_rcvbuf_errors: drops_after
+            .zip(drops_before)
+            .map(|(a, b)| a.saturating_sub(b)),
+        send_errors: sent.errors,
+        placement: server.placement,
     })
 }
 

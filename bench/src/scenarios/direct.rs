@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::cli::{Common, DirectArgs};
 use crate::clients::{self, PoolOptions};
-use crate::output::{Outcome, Plot, Summary, ratio, round};
+use crate::output::{Outcome, Plot, Summary};
 use crate::server::{Kind, Server};
 use crate::traffic::{self, Plan, Receivers, Sent};
 
@@ -78,7 +78,7 @@ pub async fn run_baseline(common: &Common, args: &DirectArgs) -> anyhow::Result<
 }
 
 pub async fn run(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> {
-    let baseline = if args.no_baseline {
+    let baseline = if common.no_baseline {
         None
     } else {
         Some(pairs(common, args, Kind::Forwarder).await?)
@@ -86,24 +86,9 @@ pub async fn run(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> 
     let direct = pairs(common, args, Kind::Tern).await?;
     let mut outcome = describe(&direct, "direct", common, args);
     if let Some(base) = baseline {
-        let (d, b) = (&direct.summary, &base.summary);
-        let json = &mut outcome.json;
-        json.insert("baseline_msgs_per_s".into(), json!(round(b.msgs_per_s)));
-        json.insert("baseline_lost".into(), json!(b.lost));
-        json.insert("baseline_duplicated".into(), json!(b.duplicated));
-        super::add_quantiles(json, "baseline", &b.latency);
-        json.insert(
-            "ratio_to_baseline".into(),
-            ratio(d.msgs_per_s, b.msgs_per_s),
-        );
-        let q = |s: &Summary, p| crate::probe::quantile_ms(&s.latency, p);
-        json.insert("p50_ratio_to_baseline".into(), ratio(q(d, 0.5), q(b, 0.5)));
-        json.insert(
-            "p99_ratio_to_baseline".into(),
-            ratio(q(d, 0.99), q(b, 0.99)),
-        );
+        super::add_baseline(&mut outcome.json, &direct.summary, &base.summary);
         if let Some(Plot::Latency { series, .. }) = outcome.plots.first_mut() {
-            series.push(("relay-baseline".into(), b.latency.clone()));
+            series.push(("relay-baseline".into(), base.summary.latency.clone()));
         }
     }
     Ok(outcome)

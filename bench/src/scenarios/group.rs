@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use hdrhistogram::Histogram;
 use serde_json::json;
 use tern_client::SendTarget;
 
 use crate::cli::{Common, GroupArgs};
 use crate::clients::{self, PoolOptions};
-use crate::output::{Outcome, Plot, Summary, round};
+use crate::output::{Outcome, Plot, Summary, ratio, round};
 use crate::probe::{self, Probe};
 use crate::server::{Kind, Server};
 use crate::traffic::{self, Flow, OnDelivery, Plan, Receivers};
@@ -18,8 +19,80 @@ use crate::traffic::{self, Flow, OnDelivery, Plan, Receivers};
 /// Per message: (members that have it, latest arrival latency µs).
 type Arrivals = Arc<Mutex<HashMap<(u32, u64), (u64, u64)>>>;
 
+/// One server's figures.
+struct GroupRun {
+    summary: Summary,
+    sent: traffic::Sent,
+    /// Per size: the per-size JSON entry, and the last member's latencies.
+    groups: Vec<(serde_json::Value, usize, Histogram<u64>)>,
+    rss_kb: Option<u64>,
+    placement: &'static str,
+}
+
+/// Runs against the relay-baseline forwarder (groups in memory), then tern, and reports
+/// tern's figures with their ratios to the baseline's.
 pub async fn run(common: &Common, args: &GroupArgs) -> anyhow::Result<Outcome> {
-    let server = Server::start(Kind::Tern, &common.server_options())?;
+    let base = if common.no_baseline {
+        None
+    } else {
+        Some(measure(common, args, Kind::Forwarder).await?)
+    };
+    let run = measure(common, args, Kind::Tern).await?;
+    let mut json = run.summary.json("group", run.rss_kb);
+    // Per-delivery figures above; the last member's, per size, here.
+    for (_, size, hist) in &run.groups {
+        json.insert(
+            format!("last_member_p99_ms_{size}"),
+            json!(round(probe::quantile_ms(hist, 0.99))),
+        );
+    }
+    json.insert(
+        "groups".into(),
+        json!(run.groups.iter().map(|g| g.0.clone()).collect::<Vec<_>>()),
+    );
+    json.insert("rate".into(), json!(args.rate));
+    json.insert("messages_per_group".into(), json!(args.messages));
+    json.insert("send_errors".into(), json!(run.sent.errors));
+    json.insert("server".into(), json!(run.placement));
+    let mut last_member: Vec<(String, Histogram<u64>)> = run
+        .groups
+        .iter()
+        .map(|(_, size, hist)| (format!("{size} members"), hist.clone()))
+        .collect();
+    let mut each = vec![("all deliveries".to_owned(), run.summary.latency.clone())];
+    if let Some(base) = base {
+        super::add_baseline(&mut json, &run.summary, &base.summary);
+        for ((_, size, tern), (_, _, baseline)) in run.groups.iter().zip(&base.groups) {
+            let p99 = |h| probe::quantile_ms(h, 0.99);
+            json.insert(
+                format!("baseline_last_member_p99_ms_{size}"),
+                json!(round(p99(baseline))),
+            );
+            json.insert(
+                format!("last_member_p99_ratio_to_baseline_{size}"),
+                ratio(p99(tern), p99(baseline)),
+            );
+            last_member.push((format!("{size} members, relay-baseline"), baseline.clone()));
+        }
+        each.push(("relay-baseline".into(), base.summary.latency));
+    }
+    Ok(Outcome {
+        json,
+        plots: vec![
+            Plot::Latency {
+                title: "group: send → last member".into(),
+                series: last_member,
+            },
+            Plot::Latency {
+                title: "group: send → each member".into(),
+                series: each,
+            },
+        ],
+    })
+}
+
+async fn measure(common: &Common, args: &GroupArgs, kind: Kind) -> anyhow::Result<GroupRun> {
+    let server = Server::start(kind, &common.server_options())?;
     let largest = args
         .sizes
         .iter()
@@ -56,7 +129,6 @@ pub async fn run(common: &Common, args: &GroupArgs) -> anyhow::Result<Outcome> {
     let receivers = Receivers::spawn(events, Some(hook));
 
     let mut groups = Vec::new();
-    let mut plots = Vec::new();
     let mut total_sent = None::<traffic::Sent>;
     let mut expected_so_far = 0;
     for (index, &size) in args.sizes.iter().enumerate() {
@@ -100,8 +172,7 @@ pub async fn run(common: &Common, args: &GroupArgs) -> anyhow::Result<Outcome> {
         entry.insert("complete".into(), json!(complete));
         super::add_quantiles(&mut entry, "last_member", &last_member);
         super::add_quantiles(&mut entry, "ack", &sent.ack_latency);
-        groups.push(serde_json::Value::Object(entry));
-        plots.push((format!("{size} members"), last_member));
+        groups.push((serde_json::Value::Object(entry), size, last_member));
         total_sent = Some(match total_sent {
             None => sent,
             Some(mut total) => {
@@ -116,34 +187,13 @@ pub async fn run(common: &Common, args: &GroupArgs) -> anyhow::Result<Outcome> {
     let rss_kb = server.rss_kb();
     let seen = receivers.finish().await;
     let sent = total_sent.context("no group size")?;
-    let summary = Summary::of(&sent, &seen);
-    let mut json = summary.json("group", rss_kb);
-    // Per-delivery figures above; the last member's, per size, here.
-    for (group, (_, hist)) in groups.iter().zip(&plots) {
-        let size = group["members"].as_u64().unwrap_or(0);
-        json.insert(
-            format!("last_member_p99_ms_{size}"),
-            json!(round(probe::quantile_ms(hist, 0.99))),
-        );
-    }
-    json.insert("groups".into(), json!(groups));
-    json.insert("rate".into(), json!(args.rate));
-    json.insert("messages_per_group".into(), json!(args.messages));
-    json.insert("send_errors".into(), json!(sent.errors));
-    json.insert("server".into(), json!(server.placement));
     drop(sender);
     super::close_all(member_clients).await;
-    Ok(Outcome {
-        json,
-        plots: vec![
-            Plot::Latency {
-                title: "group: send → last member".into(),
-                series: plots,
-            },
-            Plot::Latency {
-                title: "group: send → each member".into(),
-                series: vec![("all deliveries".into(), summary.latency)],
-            },
-        ],
+    Ok(GroupRun {
+        summary: Summary::of(&sent, &seen),
+        sent,
+        groups,
+        rss_kb,
+        placement: server.placement,
     })
 }

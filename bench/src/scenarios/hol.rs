@@ -39,6 +39,13 @@ struct ModeRun {
 }
 
 pub async fn run(common: &Common, args: &HolArgs) -> anyhow::Result<Outcome> {
+    // The baseline: the forwarder through the same relay, a stream per conversation.
+    let base = if common.no_baseline {
+        None
+    } else {
+        let forwarder = Server::start(Kind::Forwarder, &common.server_options())?;
+        Some(mode(&forwarder, common, args, false).await?)
+    };
     let server = Server::start(Kind::Tern, &common.server_options())?;
     let streams = mode(&server, common, args, false).await?;
     let single = mode(&server, common, args, true).await?;
@@ -94,6 +101,25 @@ pub async fn run(common: &Common, args: &HolArgs) -> anyhow::Result<Outcome> {
         json!(streams.relay_dropped + single.relay_dropped),
     );
     json.insert("server".into(), json!(server.placement));
+    let mut series = vec![
+        ("stream per conversation".into(), streams.small.clone()),
+        ("one stream".into(), single.small),
+    ];
+    if let Some(base) = base {
+        // Conversation B with streams, tern against the forwarder.
+        let mut base_summary = base.summary.clone();
+        base_summary.latency = base.small.clone();
+        super::add_baseline(&mut json, &summary, &base_summary);
+        json.insert(
+            "baseline_bulk_mb_per_s".into(),
+            json!(round(base.bulk_bytes_per_s / 1e6)),
+        );
+        json.insert(
+            "bulk_ratio_to_baseline".into(),
+            ratio(streams.bulk_bytes_per_s, base.bulk_bytes_per_s),
+        );
+        series.push(("relay-baseline, stream per conversation".into(), base.small));
+    }
     Ok(Outcome {
         json,
         plots: vec![Plot::Latency {
@@ -102,10 +128,7 @@ pub async fn run(common: &Common, args: &HolArgs) -> anyhow::Result<Outcome> {
                 args.loss * 100.0,
                 args.delay_ms
             ),
-            series: vec![
-                ("stream per conversation".into(), streams.small),
-                ("one stream".into(), single.small),
-            ],
+            series,
         }],
     })
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::cli::{Common, MigrationArgs};
 use crate::clients::{self, PoolOptions};
-use crate::output::{Outcome, Plot, Summary, ratio, round};
+use crate::output::{Outcome, Plot, Summary};
 use crate::server::{Kind, Server};
 use crate::traffic::{self, Plan, Receivers};
 
@@ -77,10 +77,13 @@ async fn migration_run(
 /// Runs against the relay-baseline forwarder (bare quinn migrates the same way), then tern,
 /// and reports tern's figures with their ratios to the baseline's.
 pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcome> {
-    let base = migration_run(common, args, Kind::Forwarder).await?;
+    let base = if common.no_baseline {
+        None
+    } else {
+        Some(migration_run(common, args, Kind::Forwarder).await?)
+    };
     let run = migration_run(common, args, Kind::Tern).await?;
-    let (t, b) = (&run.summary, &base.summary);
-    let mut json = t.json("migration", run.rss_kb);
+    let mut json = run.summary.json("migration", run.rss_kb);
     json.insert("migrations".into(), json!(run.migrations));
     json.insert("reconnects".into(), json!(run.reconnects));
     json.insert("migrate_errors".into(), json!(run.migrate_errors));
@@ -92,30 +95,18 @@ pub async fn run(common: &Common, args: &MigrationArgs) -> anyhow::Result<Outcom
     json.insert("send_errors".into(), json!(run.sent.errors));
     super::add_quantiles(&mut json, "ack", &run.sent.ack_latency);
     json.insert("server".into(), json!(run.placement));
-    json.insert("baseline_msgs_per_s".into(), json!(round(b.msgs_per_s)));
-    json.insert("baseline_lost".into(), json!(b.lost));
-    json.insert("baseline_duplicated".into(), json!(b.duplicated));
-    json.insert("baseline_migrations".into(), json!(base.migrations));
-    json.insert("baseline_reconnects".into(), json!(base.reconnects));
-    super::add_quantiles(&mut json, "baseline", &b.latency);
-    let q = |s: &Summary, p| crate::probe::quantile_ms(&s.latency, p);
-    json.insert(
-        "ratio_to_baseline".into(),
-        ratio(t.msgs_per_s, b.msgs_per_s),
-    );
-    json.insert("p50_ratio_to_baseline".into(), ratio(q(t, 0.5), q(b, 0.5)));
-    json.insert(
-        "p99_ratio_to_baseline".into(),
-        ratio(q(t, 0.99), q(b, 0.99)),
-    );
+    let mut series = vec![("migration".into(), run.summary.latency.clone())];
+    if let Some(base) = base {
+        super::add_baseline(&mut json, &run.summary, &base.summary);
+        json.insert("baseline_migrations".into(), json!(base.migrations));
+        json.insert("baseline_reconnects".into(), json!(base.reconnects));
+        series.push(("relay-baseline".into(), base.summary.latency));
+    }
     Ok(Outcome {
         json,
         plots: vec![Plot::Latency {
             title: "migration: send → delivered while clients rebind".into(),
-            series: vec![
-                ("migration".into(), run.summary.latency),
-                ("relay-baseline".into(), base.summary.latency),
-            ],
+            series,
         }],
     })
 }

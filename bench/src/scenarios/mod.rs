@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use tern_client::{Client, SendTarget};
 
-use crate::output::round;
+use crate::output::{Summary, ratio, round};
 use crate::probe::quantile_ms;
 use crate::traffic::Flow;
 
@@ -61,4 +61,27 @@ pub async fn close_all(clients: Vec<Arc<Client>>) {
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Adds the relay-baseline run's common figures (`baseline_*`) and tern's ratios to them, from
+/// the same run: `ratio_to_baseline` (msgs/s, tern ÷ baseline) and `p50_ratio_to_baseline`,
+/// `p99_ratio_to_baseline` (latency, tern ÷ baseline: above 1 is slower).
+pub fn add_baseline(map: &mut Map<String, Value>, tern: &Summary, base: &Summary) {
+    map.insert("baseline_msgs_per_s".into(), json!(round(base.msgs_per_s)));
+    map.insert("baseline_lost".into(), json!(base.lost));
+    map.insert("baseline_duplicated".into(), json!(base.duplicated));
+    add_quantiles(map, "baseline", &base.latency);
+    map.insert(
+        "ratio_to_baseline".into(),
+        ratio(tern.msgs_per_s, base.msgs_per_s),
+    );
+    let q = |s: &Summary, p| quantile_ms(&s.latency, p);
+    map.insert(
+        "p50_ratio_to_baseline".into(),
+        ratio(q(tern, 0.5), q(base, 0.5)),
+    );
+    map.insert(
+        "p99_ratio_to_baseline".into(),
+        ratio(q(tern, 0.99), q(base, 0.99)),
+    );
 }

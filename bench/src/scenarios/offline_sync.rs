@@ -6,12 +6,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use hdrhistogram::Histogram;
 use serde_json::json;
 use tern_client::{Client, Event, SendTarget};
 
 use crate::cli::{Common, OfflineSyncArgs};
 use crate::clients::{self, PoolOptions};
-use crate::output::{Outcome, Plot, Summary, round};
+use crate::output::{Outcome, Plot, Summary, ratio, round};
 use crate::probe::{self, Tracker};
 use crate::server::{Kind, Server};
 use crate::traffic::{self, Flow, Plan};
@@ -21,8 +22,70 @@ const FILL_IN_FLIGHT: usize = 64;
 /// A sync that stalls this long counts the rest as lost.
 const STALL: Duration = Duration::from_secs(15);
 
+/// One server's figures.
+struct SyncRun {
+    summary: Summary,
+    sent: traffic::Sent,
+    times_ms: Vec<f64>,
+    median_ms: f64,
+    fill_secs: f64,
+    arrivals: Histogram<u64>,
+    rss_kb: Option<u64>,
+    placement: &'static str,
+}
+
+/// Runs against the relay-baseline forwarder (which keeps an offline user's messages in
+/// memory), then tern, and reports tern's figures with their ratios to the baseline's.
 pub async fn run(common: &Common, args: &OfflineSyncArgs) -> anyhow::Result<Outcome> {
-    let server = Server::start(Kind::Tern, &common.server_options())?;
+    let base = if common.no_baseline {
+        None
+    } else {
+        Some(measure(common, args, Kind::Forwarder).await?)
+    };
+    let run = measure(common, args, Kind::Tern).await?;
+    let mut json = run.summary.json("offline-sync", run.rss_kb);
+    json.insert("backlog".into(), json!(run.sent.acked));
+    json.insert("sync_ms".into(), json!(round(run.median_ms)));
+    json.insert(
+        "sync_ms_runs".into(),
+        json!(run.times_ms.iter().map(|t| round(*t)).collect::<Vec<_>>()),
+    );
+    json.insert(
+        "fill_msgs_per_s".into(),
+        json!(round(run.sent.acked as f64 / run.fill_secs)),
+    );
+    json.insert("send_errors".into(), json!(run.sent.errors));
+    json.insert("server".into(), json!(run.placement));
+    let mut series = vec![(format!("{} messages", args.backlog), run.arrivals.clone())];
+    if let Some(base) = base {
+        super::add_baseline(&mut json, &run.summary, &base.summary);
+        json.insert("baseline_sync_ms".into(), json!(round(base.median_ms)));
+        json.insert(
+            "sync_ms_ratio_to_baseline".into(),
+            ratio(run.median_ms, base.median_ms),
+        );
+        let fill = |r: &SyncRun| r.sent.acked as f64 / r.fill_secs;
+        json.insert("baseline_fill_msgs_per_s".into(), json!(round(fill(&base))));
+        json.insert(
+            "fill_ratio_to_baseline".into(),
+            ratio(fill(&run), fill(&base)),
+        );
+        series.push((
+            format!("{} messages, relay-baseline", args.backlog),
+            base.arrivals,
+        ));
+    }
+    Ok(Outcome {
+        json,
+        plots: vec![Plot::Latency {
+            title: "offline-sync: connect → message synced (first device)".into(),
+            series,
+        }],
+    })
+}
+
+async fn measure(common: &Common, args: &OfflineSyncArgs, kind: Kind) -> anyhow::Result<SyncRun> {
+    let server = Server::start(kind, &common.server_options())?;
     let pool = clients::connect_all(
         &server,
         &["os-sender".to_owned()],
@@ -82,26 +145,17 @@ pub async fn run(common: &Common, args: &OfflineSyncArgs) -> anyhow::Result<Outc
     worst.latency = arrivals.clone();
     let mut summary = Summary::of(&sent, &worst);
     summary.msgs_per_s = sent.acked as f64 / (median_ms / 1000.0).max(1e-9);
-    let mut json = summary.json("offline-sync", server.rss_kb());
-    json.insert("backlog".into(), json!(sent.acked));
-    json.insert("sync_ms".into(), json!(round(median_ms)));
-    json.insert(
-        "sync_ms_runs".into(),
-        json!(times_ms.iter().map(|t| round(*t)).collect::<Vec<_>>()),
-    );
-    json.insert(
-        "fill_msgs_per_s".into(),
-        json!(round(sent.acked as f64 / fill_secs)),
-    );
-    json.insert("send_errors".into(), json!(sent.errors));
-    json.insert("server".into(), json!(server.placement));
+    let rss_kb = server.rss_kb();
     drop(flow);
     drop(sender);
-    Ok(Outcome {
-        json,
-        plots: vec![Plot::Latency {
-            title: "offline-sync: connect → message synced (first device)".into(),
-            series: vec![(format!("{} messages", args.backlog), arrivals)],
-        }],
+    Ok(SyncRun {
+        summary,
+        sent,
+        times_ms,
+        median_ms,
+        fill_secs,
+        arrivals,
+        rss_kb,
+        placement: server.placement,
     })
 }

@@ -17,8 +17,93 @@ const DEFAULT_SECS: f64 = 30.0;
 /// Flow id of the group messages (pairs use 0..clients).
 const GROUP_FLOW: u32 = u32::MAX;
 
+/// One server's figures.
+struct SoakRun {
+    summary: Summary,
+    sent: traffic::Sent,
+    samples: Vec<Sample>,
+    rss_kb: Option<u64>,
+    placement: &'static str,
+}
+
+/// Runs against the relay-baseline forwarder, then tern, and reports tern's figures with
+/// their ratios to the baseline's.
 pub async fn run(common: &Common, args: &SoakArgs) -> anyhow::Result<Outcome> {
-    let server = Server::start(Kind::Tern, &common.server_options())?;
+    let base = if common.no_baseline {
+        None
+    } else {
+        Some(measure(common, args, Kind::Forwarder).await?)
+    };
+    let run = measure(common, args, Kind::Tern).await?;
+    let (summary, samples) = (&run.summary, &run.samples);
+    let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
+    let mut json = summary.json("soak", run.rss_kb);
+    let column = |f: fn(&Sample) -> Option<u64>| samples.iter().filter_map(f).collect::<Vec<_>>();
+    let rss = column(|s| s.rss_kb);
+    let fds = column(|s| s.fds);
+    json.insert("rss_kb_start".into(), json!(rss.first()));
+    json.insert("rss_kb_end".into(), json!(rss.last()));
+    json.insert("rss_kb_max".into(), json!(rss.iter().max()));
+    json.insert("fds_start".into(), json!(fds.first()));
+    json.insert("fds_end".into(), json!(fds.last()));
+    json.insert("fds_max".into(), json!(fds.iter().max()));
+    json.insert(
+        "samples".into(),
+        json!(
+            samples
+                .iter()
+                .map(|s| json!([crate::output::round(s.secs), s.rss_kb, s.fds]))
+                .collect::<Vec<_>>()
+        ),
+    );
+    json.insert("clients".into(), json!(n));
+    json.insert("send_errors".into(), json!(run.sent.errors));
+    json.insert("server".into(), json!(run.placement));
+    let over = |samples: &[Sample], f: fn(&Sample) -> Option<u64>| {
+        samples
+            .iter()
+            .filter_map(|s| f(s).map(|v| (s.secs, v as f64)))
+            .collect::<Vec<_>>()
+    };
+    let mut rss_series = vec![("VmRSS".to_owned(), over(samples, |s| s.rss_kb))];
+    let mut latency = vec![("soak".into(), summary.latency.clone())];
+    if let Some(base) = &base {
+        super::add_baseline(&mut json, summary, &base.summary);
+        let rss = |r: &SoakRun| {
+            r.samples
+                .iter()
+                .filter_map(|s| s.rss_kb)
+                .collect::<Vec<_>>()
+        };
+        json.insert("baseline_rss_kb_start".into(), json!(rss(base).first()));
+        json.insert("baseline_rss_kb_end".into(), json!(rss(base).last()));
+        latency.push(("relay-baseline".into(), base.summary.latency.clone()));
+        rss_series.push((
+            "VmRSS, relay-baseline".into(),
+            over(&base.samples, |s| s.rss_kb),
+        ));
+    }
+    let plots = vec![
+        Plot::Latency {
+            title: "soak: send → delivered".into(),
+            series: latency,
+        },
+        Plot::Over {
+            title: "soak: server RSS".into(),
+            unit: "KB".into(),
+            series: rss_series,
+        },
+        Plot::Over {
+            title: "soak: server open file descriptors".into(),
+            unit: "fds".into(),
+            series: vec![("fds".into(), over(samples, |s| s.fds))],
+        },
+    ];
+    Ok(Outcome { json, plots })
+}
+
+async fn measure(common: &Common, args: &SoakArgs, kind: Kind) -> anyhow::Result<SoakRun> {
+    let server = Server::start(kind, &common.server_options())?;
     let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
     let users = super::users("soak", n);
     let pool = clients::connect_all(&server, &users, PoolOptions::default(), |_| {}).await?;
@@ -64,54 +149,17 @@ pub async fn run(common: &Common, args: &SoakArgs) -> anyhow::Result<Outcome> {
         .await;
     let seen = receivers.finish().await;
     let summary = Summary::of(&sent, &seen);
-    let mut json = summary.json("soak", server.rss_kb());
-    let column = |f: fn(&Sample) -> Option<u64>| samples.iter().filter_map(f).collect::<Vec<_>>();
-    let rss = column(|s| s.rss_kb);
-    let fds = column(|s| s.fds);
-    json.insert("rss_kb_start".into(), json!(rss.first()));
-    json.insert("rss_kb_end".into(), json!(rss.last()));
-    json.insert("rss_kb_max".into(), json!(rss.iter().max()));
-    json.insert("fds_start".into(), json!(fds.first()));
-    json.insert("fds_end".into(), json!(fds.last()));
-    json.insert("fds_max".into(), json!(fds.iter().max()));
-    json.insert(
-        "samples".into(),
-        json!(
-            samples
-                .iter()
-                .map(|s| json!([crate::output::round(s.secs), s.rss_kb, s.fds]))
-                .collect::<Vec<_>>()
-        ),
-    );
-    json.insert("clients".into(), json!(n));
-    json.insert("send_errors".into(), json!(sent.errors));
-    json.insert("server".into(), json!(server.placement));
-    let series = |f: fn(&Sample) -> Option<u64>| {
-        samples
-            .iter()
-            .filter_map(|s| f(s).map(|v| (s.secs, v as f64)))
-            .collect::<Vec<_>>()
-    };
-    let plots = vec![
-        Plot::Latency {
-            title: "soak: send → delivered".into(),
-            series: vec![("soak".into(), summary.latency.clone())],
-        },
-        Plot::Over {
-            title: "soak: server RSS".into(),
-            unit: "KB".into(),
-            series: vec![("VmRSS".into(), series(|s| s.rss_kb))],
-        },
-        Plot::Over {
-            title: "soak: server open file descriptors".into(),
-            unit: "fds".into(),
-            series: vec![("fds".into(), series(|s| s.fds))],
-        },
-    ];
+    let rss_kb = server.rss_kb();
     pairs.clear();
     drop(group_flow);
     super::close_all(clients).await;
-    Ok(Outcome { json, plots })
+    Ok(SoakRun {
+        summary,
+        sent,
+        samples,
+        rss_kb,
+        placement: server.placement,
+    })
 }
 
 #[derive(Debug, Clone, Copy)]

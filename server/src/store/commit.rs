@@ -5,12 +5,20 @@
 //! every group committed since the last one. Only then are the groups' new heads published,
 //! their entries delivered and their commands answered, in commit order. Applying the next
 //! group thus overlaps the fsync of the previous ones instead of waiting for it.
+//!
+//! Publishing, delivering and answering run on the async runtime, one batch per fsync, handed
+//! over by [`Finisher`]. Waking hundreds of stream tasks and pushers from this thread cost one
+//! cross-thread wake each, and the runtime thread then ran each connection's driver as soon as
+//! its first ack or push was written, one UDP packet apiece. Woken from a task on the runtime,
+//! they all queue first and the drivers run after them, so each connection sends its acks and
+//! pushes of the batch together.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use fjall::{Database, PersistMode};
+use tokio::sync::mpsc;
 use tracing::error;
 
 use super::Published;
@@ -19,6 +27,8 @@ use crate::delivery::{Delivery, NewEntry};
 
 /// Committed groups waiting for their fsync, at most; the writer waits when this is full.
 const PENDING_GROUPS: usize = 16;
+/// Durable batches waiting for the runtime, at most; the fsync stage waits when this is full.
+const PENDING_FINISHES: usize = 16;
 
 /// A group the writer has committed, not yet known durable.
 #[derive(Default)]
@@ -37,11 +47,89 @@ pub(super) type Handoff = Result<Committed, (String, Vec<DeferredReply>)>;
 
 pub(super) struct Syncer {
     pub db: Database,
-    pub published: Arc<Published>,
-    pub delivery: Arc<dyn Delivery>,
     pub durability: Durability,
     /// Set on the first failed commit or fsync; the writer then refuses every command.
     pub failed: Arc<AtomicBool>,
+    pub finisher: Finisher,
+}
+
+/// What became of one group after its fsync.
+enum Outcome {
+    Durable(Committed),
+    Failed(Vec<DeferredReply>, String),
+}
+
+/// Runs the finishing steps of each fsync's groups: on the runtime the store was opened in,
+/// or on the fsync thread itself when there is none (or it has shut down).
+pub(super) struct Finisher {
+    runtime: Option<mpsc::Sender<Vec<Outcome>>>,
+    steps: Arc<Steps>,
+}
+
+/// What finishing needs.
+struct Steps {
+    published: Arc<Published>,
+    delivery: Arc<dyn Delivery>,
+}
+
+impl Finisher {
+    /// Spawns the finishing task on the current tokio runtime, if there is one.
+    pub fn new(published: Arc<Published>, delivery: Arc<dyn Delivery>) -> Self {
+        let steps = Arc::new(Steps {
+            published,
+            delivery,
+        });
+        let runtime = tokio::runtime::Handle::try_current().ok().map(|handle| {
+            let (tx, mut rx) = mpsc::channel::<Vec<Outcome>>(PENDING_FINISHES);
+            let steps = steps.clone();
+            // One task, so batches finish in commit order on any runtime flavour.
+            handle.spawn(async move {
+                while let Some(batch) = rx.recv().await {
+                    steps.finish(batch);
+                }
+            });
+            tx
+        });
+        Self { runtime, steps }
+    }
+
+    fn finish(&self, batch: Vec<Outcome>) {
+        let batch = match &self.runtime {
+            Some(tx) => match tx.blocking_send(batch) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(batch)) => batch,
+            },
+            None => batch,
+        };
+        self.steps.finish(batch);
+    }
+}
+
+impl Steps {
+    fn finish(&self, batch: Vec<Outcome>) {
+        for outcome in batch {
+            match outcome {
+                Outcome::Durable(committed) => self.durable(committed),
+                Outcome::Failed(replies, reason) => fail(replies, &reason),
+            }
+        }
+    }
+
+    /// The group is durable: publish its heads, hand its entries to delivery, answer it.
+    fn durable(&self, committed: Committed) {
+        for (conv, last_seq) in committed.convs {
+            self.published.conv.insert(conv, last_seq);
+        }
+        for (user, entries) in &committed.appended {
+            if let Some(last) = entries.last() {
+                self.published.inbox.insert(user.clone(), last.inbox_seq);
+                self.delivery.inbox_appended(user, entries);
+            }
+        }
+        for reply in committed.replies {
+            reply(None);
+        }
+    }
 }
 
 pub(super) fn channel() -> (SyncSender<Handoff>, Receiver<Handoff>) {
@@ -68,13 +156,17 @@ impl Syncer {
                     _ => Ok(()),
                 }
             };
-            for group in groups.drain(..) {
-                match (group, &result) {
-                    (Ok(committed), Ok(())) => self.finish(committed),
-                    (Ok(committed), Err(reason)) => fail(committed.replies, reason),
-                    (Err((reason, replies)), _) => fail(replies, &reason),
-                }
-            }
+            let batch = groups
+                .drain(..)
+                .map(|group| match (group, &result) {
+                    (Ok(committed), Ok(())) => Outcome::Durable(committed),
+                    (Ok(committed), Err(reason)) => {
+                        Outcome::Failed(committed.replies, reason.clone())
+                    }
+                    (Err((reason, replies)), _) => Outcome::Failed(replies, reason),
+                })
+                .collect();
+            self.finisher.finish(batch);
             if let Err(reason) = result
                 && !self.failed.swap(true, Ordering::SeqCst)
             {
@@ -84,22 +176,6 @@ impl Syncer {
                 // journal decides what survived.
                 error!(error = %reason, "storage fsync failed; refusing all further writes");
             }
-        }
-    }
-
-    /// The group is durable: publish its heads, hand its entries to delivery, answer it.
-    fn finish(&self, committed: Committed) {
-        for (conv, last_seq) in committed.convs {
-            self.published.conv.insert(conv, last_seq);
-        }
-        for (user, entries) in &committed.appended {
-            if let Some(last) = entries.last() {
-                self.published.inbox.insert(user.clone(), last.inbox_seq);
-                self.delivery.inbox_appended(user, entries);
-            }
-        }
-        for reply in committed.replies {
-            reply(None);
         }
     }
 }

@@ -246,10 +246,9 @@ pub(super) fn spawn(
     let failed = Arc::new(AtomicBool::new(false));
     let syncer = commit::Syncer {
         db: db.clone(),
-        published: published.clone(),
-        delivery,
         durability: limits.durability,
         failed: failed.clone(),
+        finisher: commit::Finisher::new(published.clone(), delivery),
     };
     let writer = Writer {
         db,
