@@ -1,6 +1,6 @@
 //! Writer operations on groups and receipts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use fjall::OwnedWriteBatch as WriteBatch;
@@ -59,7 +59,7 @@ impl Writer {
                         vec![MemberRole::Member as u8],
                     );
                     batch.insert(&self.ks.user_convs, pair_key(user, &id), Vec::new());
-                    self.announce(&id, EventKind::MemberAdded, actor, user, &[], batch)?;
+                    self.announce(&id, EventKind::MemberAdded, actor, user, &[])?;
                 }
                 self.snapshot(&id)
             }
@@ -100,7 +100,7 @@ impl Writer {
                 let id = conv.id.clone();
                 let meta = conv.meta();
                 batch.insert(&self.ks.meta, id.as_bytes(), meta);
-                self.announce(&id, EventKind::Dissolved, actor, "", &[], batch)?;
+                self.announce(&id, EventKind::Dissolved, actor, "", &[])?;
                 self.snapshot(&id)
             }
             GroupOp::SetRole {
@@ -134,7 +134,7 @@ impl Writer {
                 for (who, role) in &changes {
                     batch.insert(&self.ks.members, pair_key(&id, who), vec![*role as u8]);
                 }
-                self.announce(&id, EventKind::RoleChanged, actor, &user, &[], batch)?;
+                self.announce(&id, EventKind::RoleChanged, actor, &user, &[])?;
                 self.snapshot(&id)
             }
         }
@@ -194,7 +194,7 @@ impl Writer {
         self.published.conv.insert(id.clone(), 0);
         self.group.touched_convs.insert(id.clone());
         self.convs.insert(id.clone(), conv);
-        self.announce(&id, EventKind::Created, owner, "", &[], batch)?;
+        self.announce(&id, EventKind::Created, owner, "", &[])?;
         self.snapshot(&id)
     }
 
@@ -237,7 +237,7 @@ impl Writer {
     ) -> Result<pb::Conversation, StoreError> {
         // The leaving member hears of it too, then nothing more.
         let leaving: Arc<str> = Arc::from(user);
-        self.announce(id, kind, actor, user, std::slice::from_ref(&leaving), batch)?;
+        self.announce(id, kind, actor, user, std::slice::from_ref(&leaving))?;
         if let Some(conv) = self.convs.get_mut(id) {
             conv.members.remove(user);
         }
@@ -254,7 +254,6 @@ impl Writer {
         actor: &str,
         subject: &str,
         extra: &[Arc<str>],
-        batch: &mut WriteBatch,
     ) -> Result<(), StoreError> {
         let mut audience: BTreeSet<Arc<str>> = self
             .convs
@@ -270,7 +269,7 @@ impl Writer {
             at_ms: unix_now_ms(),
         }));
         for user in &audience {
-            self.append_inbox(user, &event, batch)?;
+            self.append_inbox(user, &event)?;
         }
         Ok(())
     }
@@ -322,71 +321,13 @@ impl Writer {
         self.put_u64(&self.ks.marks.clone(), key, up_to, batch);
         let receipt = receipt(&id, user, ReceiptKind::Read, up_to);
         for sender in &senders {
-            self.append_inbox(sender, &receipt, batch)?;
+            self.append_inbox(sender, &receipt)?;
         }
         Ok(up_to)
     }
-
-    /// A device processed its inbox up to `up_to`: store its cursor, and send DELIVERED
-    /// receipts to the senders of the messages it newly received.
-    pub(super) fn ack(
-        &mut self,
-        user: &Arc<str>,
-        device: &str,
-        up_to: u64,
-        batch: &mut WriteBatch,
-    ) -> Result<(), StoreError> {
-        let cursor_key = pair_key(user, device);
-        let old = self.get_u64(&self.ks.cursors, &cursor_key)?;
-        let head = self.inbox_head(user)?;
-        let up_to = up_to.min(head);
-        if up_to <= old {
-            return Ok(());
-        }
-        self.put_u64(&self.ks.cursors.clone(), cursor_key, up_to, batch);
-
-        // Per conversation: the highest message seq received, and who sent what was received.
-        let from = (old + 1).max(up_to.saturating_sub(RECEIPT_SCAN_LIMIT) + 1);
-        let mut received: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
-        for guard in self
-            .ks
-            .inbox
-            .range(seq_key(user, from)..=seq_key(user, up_to))
-        {
-            let entry = pb::InboxEntry::decode(&*guard.value()?)?;
-            if let Some(pb::inbox_entry::Body::Message(m)) = entry.body
-                && m.sender != **user
-            {
-                let slot = received.entry(m.conversation_id).or_default();
-                slot.0 = slot.0.max(m.seq);
-                slot.1.insert(m.sender);
-            }
-        }
-        for (conv, (max_seq, senders)) in received {
-            let key = mark_key(&conv, user, ReceiptKind::Delivered as u8);
-            if max_seq <= self.get_u64(&self.ks.marks, &key)? {
-                continue;
-            }
-            // Former members hear nothing more from the group, receipts included.
-            let members: Vec<Arc<str>> = match self.conv(&conv)? {
-                Some(c) => senders
-                    .iter()
-                    .filter(|s| c.members.contains_key(s.as_str()))
-                    .map(|s| Arc::from(s.as_str()))
-                    .collect(),
-                None => Vec::new(),
-            };
-            self.put_u64(&self.ks.marks.clone(), key, max_seq, batch);
-            let receipt = receipt(&conv, user, ReceiptKind::Delivered, max_seq);
-            for sender in &members {
-                self.append_inbox(sender, &receipt, batch)?;
-            }
-        }
-        Ok(())
-    }
 }
 
-fn receipt(
+pub(super) fn receipt(
     conversation: &str,
     user: &str,
     kind: ReceiptKind,

@@ -6,8 +6,10 @@
 //! never past the heads the writer has published as durable, so a device can never see an
 //! entry that a crash could take back.
 
+mod acks;
 mod commit;
 mod groups;
+mod inbox;
 mod keys;
 mod reads;
 pub mod writer;
@@ -76,7 +78,8 @@ pub(crate) struct Keyspaces {
     pub user_convs: Keyspace,
     /// conversation 0x00 seq → `pb::Message`.
     pub log: Keyspace,
-    /// user 0x00 inbox_seq → `pb::InboxEntry` (messages by reference).
+    /// user 0x00 last inbox_seq → [`inbox::InboxChunk`]: one group's entries for the user
+    /// (messages by reference).
     pub inbox: Keyspace,
     /// sender 0x00 client_message_id → seq (8 bytes) ‖ conversation.
     pub idem: Keyspace,

@@ -43,16 +43,10 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<pb::InboxEntry>, u64), StoreError> {
-        let mut entries = Vec::new();
-        let start = seq_key(user, after.saturating_add(1));
-        let end = seq_key(user, u64::MAX);
-        for guard in self.ks.inbox.range(start..=end).take(limit) {
-            entries.push(pb::InboxEntry::decode(&*guard.value()?)?);
-        }
-        let durable = self.published.inbox.get(user).map(|h| *h);
-        if let Some(head) = durable {
-            entries.retain(|e| e.inbox_seq <= head);
-        }
+        // Never past the published head: anything newer may not be durable yet. A user the
+        // writer has not loaded has nothing newer than what is on disk.
+        let durable = self.published.inbox.get(user).map_or(u64::MAX, |h| *h);
+        let mut entries = super::inbox::read(&self.ks.inbox, user, after, durable, limit)?;
         let scanned = entries.last().map_or(after, |e| e.inbox_seq);
         if let Some(device) = skip_own {
             entries.retain(|e| {

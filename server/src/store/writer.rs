@@ -20,6 +20,7 @@ use tern_protocol::pb::{self, ConversationKind, MemberRole};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
+use super::acks::Unreceipted;
 use super::keys::{self, pair_key, prefix, seq_key};
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
@@ -257,6 +258,7 @@ pub(super) fn spawn(
         limits,
         convs: HashMap::new(),
         inbox_heads: HashMap::new(),
+        unreceipted: HashMap::new(),
         group: Group::default(),
         failed,
         handoff,
@@ -340,6 +342,9 @@ pub(super) struct Group {
     pub idem: HashMap<(Arc<str>, String), SendOutcome>,
     /// Cursor and mark values written in this group (full key → value).
     pub u64s: HashMap<Vec<u8>, u64>,
+    /// Each user's inbox entries of this group, as stored: one record per user at the end
+    /// ([`super::inbox`]).
+    pub chunks: HashMap<Arc<str>, Vec<pb::InboxEntry>>,
     pub replies: Vec<DeferredReply>,
 }
 
@@ -351,6 +356,7 @@ impl Group {
         self.touched_convs.clear();
         self.idem.clear();
         self.u64s.clear();
+        self.chunks.clear();
         self.replies.clear();
     }
 }
@@ -362,6 +368,8 @@ pub(super) struct Writer {
     pub limits: StoreLimits,
     pub convs: HashMap<Arc<str>, Conv>,
     pub inbox_heads: HashMap<Arc<str>, u64>,
+    /// Per user, the received messages no device has acknowledged yet ([`super::acks`]).
+    pub unreceipted: HashMap<Arc<str>, Unreceipted>,
     pub group: Group,
     /// A commit or fsync failed: every later command is refused.
     pub failed: Arc<AtomicBool>,
@@ -390,6 +398,11 @@ impl Writer {
             self.published
                 .commands
                 .fetch_add(commands, std::sync::atomic::Ordering::Relaxed);
+            for (user, entries) in self.group.chunks.drain() {
+                if let Some((key, value)) = super::inbox::chunk_record(&user, entries) {
+                    batch.insert(&self.ks.inbox, key, value);
+                }
+            }
             let wrote = !batch.is_empty();
             let group = &mut self.group;
             let handoff = match batch.commit() {
@@ -530,6 +543,8 @@ impl Writer {
         // Published before anything newer is committed; see `conv`.
         self.published.inbox.insert(user.clone(), head);
         self.inbox_heads.insert(user.clone(), head);
+        self.unreceipted
+            .insert(user.clone(), Unreceipted::after(head));
         Ok(head)
     }
 
@@ -538,26 +553,28 @@ impl Writer {
         &mut self,
         user: &Arc<str>,
         body: &Arc<pb::inbox_entry::Body>,
-        batch: &mut WriteBatch,
     ) -> Result<u64, StoreError> {
-        self.append_entry(user, body, body.clone(), batch)
+        self.append_entry(user, body, body.clone())
     }
 
-    /// Appends `stored` to `user`'s inbox, and hands `delivered` (the same entry as devices
+    /// Appends `stored` to `user`'s inbox (its chunk is written when the group ends), and hands `delivered` (the same entry as devices
     /// see it: a message resolved from its reference) to delivery after the commit.
     fn append_entry(
         &mut self,
         user: &Arc<str>,
         stored: &pb::inbox_entry::Body,
         delivered: Arc<pb::inbox_entry::Body>,
-        batch: &mut WriteBatch,
     ) -> Result<u64, StoreError> {
         let seq = self.inbox_head(user)? + 1;
         let entry = pb::InboxEntry {
             inbox_seq: seq,
             body: Some(stored.clone()),
         };
-        batch.insert(&self.ks.inbox, seq_key(user, seq), entry.encode_to_vec());
+        self.group
+            .chunks
+            .entry(user.clone())
+            .or_default()
+            .push(entry);
         self.inbox_heads.insert(user.clone(), seq);
         self.group
             .appended
@@ -655,7 +672,7 @@ impl Writer {
         conv.last_seq += 1;
         let seq = conv.last_seq;
         let conv_arc = conv.id.clone();
-        self.group.touched_convs.insert(conv_arc);
+        self.group.touched_convs.insert(conv_arc.clone());
 
         let message = pb::Message {
             message_id: tern_protocol::ids::message_id(&conv_id, seq),
@@ -686,9 +703,11 @@ impl Writer {
         let delivered = Arc::new(pb::inbox_entry::Body::Message(message.clone()));
         let mut sender_inbox_seq = 0;
         for member in &members {
-            let inbox_seq = self.append_entry(member, &reference, delivered.clone(), batch)?;
+            let inbox_seq = self.append_entry(member, &reference, delivered.clone())?;
             if member == sender {
                 sender_inbox_seq = inbox_seq;
+            } else {
+                self.remember_received(member, inbox_seq, &conv_arc, seq, sender);
             }
         }
         // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.
