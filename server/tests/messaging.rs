@@ -112,7 +112,7 @@ async fn one_to_one_online_in_order_then_delivered_then_read_receipts() {
 #[tokio::test]
 async fn offline_user_receives_every_message_once_in_order() {
     let server = TestServer::start().await;
-    let (alice, _alice_events) = server.connect("alice", "phone").await;
+    let (alice, mut alice_events) = server.connect("alice", "phone").await;
     let alice = Arc::new(alice);
     for i in 0..1000 {
         alice
@@ -127,6 +127,18 @@ async fn offline_user_receives_every_message_once_in_order() {
         assert_eq!(message.text, format!("m{i}"));
     }
     quiet(&mut bob_events, 500).await;
+    // More than the writer remembers per user (512) arrived unacknowledged, so the receipt
+    // for Bob's ack comes from reading his inbox back.
+    let delivered = wait_for(&mut alice_events, 10, |e| match e {
+        Event::Receipt { receipt, .. }
+            if receipt.kind == ReceiptKind::Delivered as i32 && receipt.up_to_seq == 1000 =>
+        {
+            Some(receipt)
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(delivered.user_id, "bob");
     server.stop().await;
 }
 
