@@ -7,7 +7,7 @@
 //! device's ack covers them, and reads the inbox only for what it does not remember: entries
 //! from before this process loaded the user, or dropped because nobody acknowledged them.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use fjall::OwnedWriteBatch as WriteBatch;
@@ -23,6 +23,68 @@ const RECEIPT_SCAN_LIMIT: u64 = 10_000;
 /// (offline, or a stalled app) would otherwise grow this without end; past the cap the user's
 /// list is dropped and the next ack reads the inbox instead.
 const MAX_REMEMBERED: usize = 512;
+/// Most received messages remembered over all users (about 48 bytes each: 12 MiB). Users who
+/// never acknowledge (gone for good) would otherwise hold up to [`MAX_REMEMBERED`] each, without
+/// end as users come and go; past this every list is dropped and rebuilt from the next acks.
+const MAX_REMEMBERED_TOTAL: usize = 262_144;
+
+/// Every loaded user's [`Unreceipted`], within [`MAX_REMEMBERED_TOTAL`] entries.
+#[derive(Debug, Default)]
+pub(super) struct Remembered {
+    users: HashMap<Arc<str>, Unreceipted>,
+    /// Entries held over all users.
+    total: usize,
+}
+
+impl Remembered {
+    /// `user` was loaded with inbox head `head`: what comes after it will be remembered.
+    pub fn load(&mut self, user: &Arc<str>, head: u64) {
+        if let Some(old) = self.users.insert(user.clone(), Unreceipted::after(head)) {
+            self.total = self.total.saturating_sub(old.received.len());
+        }
+    }
+
+    fn push(
+        &mut self,
+        user: &Arc<str>,
+        inbox_seq: u64,
+        conversation: &Arc<str>,
+        seq: u64,
+        sender: &Arc<str>,
+    ) {
+        if self.total >= MAX_REMEMBERED_TOTAL {
+            // Dropping everything at once costs one pass per MAX_REMEMBERED_TOTAL pushes, and
+            // frees what users who never come back hold; active users remember again after
+            // their next ack.
+            for unreceipted in self.users.values_mut() {
+                unreceipted.forget();
+            }
+            self.total = 0;
+        }
+        if let Some(unreceipted) = self.users.get_mut(user) {
+            let before = unreceipted.received.len();
+            unreceipted.push(inbox_seq, conversation, seq, sender);
+            self.total = self.total.saturating_sub(before) + unreceipted.received.len();
+        }
+    }
+
+    fn take(
+        &mut self,
+        user: &Arc<str>,
+        after: u64,
+        up_to: u64,
+        head: u64,
+        covered: &mut Covered,
+    ) -> Option<(u64, u64)> {
+        let Some(unreceipted) = self.users.get_mut(user) else {
+            return Some((after, up_to));
+        };
+        let before = unreceipted.received.len();
+        let unknown = unreceipted.take(after, up_to, head, covered);
+        self.total = self.total.saturating_sub(before) + unreceipted.received.len();
+        unknown
+    }
+}
 
 /// The messages a user received from others that no device of theirs has acknowledged yet.
 #[derive(Debug)]
@@ -132,9 +194,8 @@ impl Writer {
         seq: u64,
         sender: &Arc<str>,
     ) {
-        if let Some(unreceipted) = self.unreceipted.get_mut(user) {
-            unreceipted.push(inbox_seq, conversation, seq, sender);
-        }
+        self.remembered
+            .push(user, inbox_seq, conversation, seq, sender);
     }
 
     /// A device processed its inbox up to `up_to`: store its cursor, and send DELIVERED
@@ -156,10 +217,7 @@ impl Writer {
         self.put_u64(&self.ks.cursors.clone(), cursor_key, up_to, batch);
 
         let mut covered = Covered::new();
-        let unknown = match self.unreceipted.get_mut(user) {
-            Some(unreceipted) => unreceipted.take(old, up_to, head, &mut covered),
-            None => Some((old, up_to)),
-        };
+        let unknown = self.remembered.take(user, old, up_to, head, &mut covered);
         if let Some((after, end)) = unknown {
             let after = after.max(end.saturating_sub(RECEIPT_SCAN_LIMIT));
             let limit = usize::try_from(end - after).unwrap_or(usize::MAX);
@@ -264,5 +322,43 @@ mod tests {
             Some((n - 5, n + 2))
         );
         assert_eq!(seen(&covered), vec![("c".into(), n + 3, vec!["a".into()])]);
+    }
+
+    #[test]
+    fn past_the_total_budget_every_list_is_dropped_and_rebuilt() {
+        let c: Arc<str> = Arc::from("c");
+        let a: Arc<str> = Arc::from("a");
+        let users: Vec<Arc<str>> = (0..600).map(|i| Arc::from(format!("u{i}"))).collect();
+        let mut remembered = Remembered::default();
+        for user in &users {
+            remembered.load(user, 0);
+        }
+        let per_user = MAX_REMEMBERED_TOTAL / users.len() + 1;
+        for seq in 1..=per_user as u64 {
+            for user in &users {
+                remembered.push(user, seq, &c, seq, &a);
+            }
+        }
+        assert!(remembered.total <= MAX_REMEMBERED_TOTAL);
+        let held: usize = remembered.users.values().map(|u| u.received.len()).sum();
+        assert_eq!(held, remembered.total);
+        // The first user's list went in the drop: its ack reads the inbox, then it remembers
+        // again after the head.
+        let last = per_user as u64;
+        let mut covered = Covered::new();
+        assert_eq!(
+            remembered.take(&users[0], 0, last, last, &mut covered),
+            Some((0, last))
+        );
+        remembered.push(&users[0], last + 1, &c, last + 1, &a);
+        let mut covered = Covered::new();
+        assert_eq!(
+            remembered.take(&users[0], last, last + 1, last + 1, &mut covered),
+            None
+        );
+        assert_eq!(
+            seen(&covered),
+            vec![("c".into(), last + 1, vec!["a".into()])]
+        );
     }
 }

@@ -20,7 +20,7 @@ use tern_protocol::pb::{self, ConversationKind, MemberRole};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
-use super::acks::Unreceipted;
+use super::acks::Remembered;
 use super::keys::{self, pair_key, prefix, seq_key};
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
@@ -258,7 +258,7 @@ pub(super) fn spawn(
         limits,
         convs: HashMap::new(),
         inbox_heads: HashMap::new(),
-        unreceipted: HashMap::new(),
+        remembered: Remembered::default(),
         group: Group::default(),
         failed,
         handoff,
@@ -369,7 +369,7 @@ pub(super) struct Writer {
     pub convs: HashMap<Arc<str>, Conv>,
     pub inbox_heads: HashMap<Arc<str>, u64>,
     /// Per user, the received messages no device has acknowledged yet ([`super::acks`]).
-    pub unreceipted: HashMap<Arc<str>, Unreceipted>,
+    pub remembered: Remembered,
     pub group: Group,
     /// A commit or fsync failed: every later command is refused.
     pub failed: Arc<AtomicBool>,
@@ -543,8 +543,7 @@ impl Writer {
         // Published before anything newer is committed; see `conv`.
         self.published.inbox.insert(user.clone(), head);
         self.inbox_heads.insert(user.clone(), head);
-        self.unreceipted
-            .insert(user.clone(), Unreceipted::after(head));
+        self.remembered.load(user, head);
         Ok(head)
     }
 
