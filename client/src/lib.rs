@@ -249,7 +249,6 @@ pub(crate) struct Inner {
     pub endpoint: quinn::Endpoint,
     /// The endpoint was given by the caller and carries other clients' connections too.
     pub shared_endpoint: bool,
-    pub max_frame: usize,
     pub events: mpsc::Sender<Event>,
     pub link: watch::Sender<LinkState>,
     /// The latest link, also while down (for diagnostics).
@@ -368,7 +367,6 @@ impl Client {
             .resume_from
             .unwrap_or(first.link.session.delivered_cursor);
         let inner = Arc::new(Inner {
-            max_frame: tern_protocol::DEFAULT_MAX_FRAME_BYTES,
             endpoint,
             shared_endpoint,
             events: events_tx,
@@ -439,7 +437,7 @@ impl Client {
                 sent_at_us: 0,
             })),
         };
-        link.write_control(&frame, self.inner.max_frame).await?;
+        link.write_control(&frame, link.max_frame).await?;
         match tokio::time::timeout(Duration::from_secs(10), rx).await {
             Ok(Ok(_)) => Ok(start.elapsed()),
             Ok(Err(_)) => Err(link.lost()),
@@ -510,7 +508,7 @@ impl Client {
                 background,
             })),
         };
-        link.write_control(&frame, self.inner.max_frame).await
+        link.write_control(&frame, link.max_frame).await
     }
 
     /// Waits until the client is finally disconnected, returning why.
@@ -596,7 +594,7 @@ impl Inner {
                     up_to_inbox_seq: up_to,
                 })),
             };
-            if let Err(e) = link.write_control(&frame, self.max_frame).await {
+            if let Err(e) = link.write_control(&frame, link.max_frame).await {
                 // Not acknowledged after all: try again on the next link.
                 lock(&self.inbox).unack(up_to);
                 return Err(e);

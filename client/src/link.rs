@@ -23,6 +23,8 @@ const GAP_PATIENCE: Duration = Duration::from_millis(800);
 pub(crate) struct Link {
     pub conn: quinn::Connection,
     pub session: Session,
+    /// Largest frame either side may send on this connection, from `Welcome`.
+    pub max_frame: usize,
     pub control: tokio::sync::Mutex<quinn::SendStream>,
     pub conversations: tokio::sync::Mutex<HashMap<String, Arc<ConversationStream>>>,
 }
@@ -88,7 +90,7 @@ pub(crate) async fn establish(
     };
     send.write_chunk(tern_protocol::frame::frame_bytes(&hello, max)?)
         .await?;
-    let early_sync = if zero_rtt.is_some() && config.auto_sync {
+    let mut early_sync = if zero_rtt.is_some() && config.auto_sync {
         open_sync(&conn, since, max).await.ok()
     } else {
         None
@@ -112,6 +114,11 @@ pub(crate) async fn establish(
             });
         }
     };
+    let max_frame = negotiated_max_frame(welcome.limits.as_ref());
+    control.set_max(max_frame);
+    if let Some(reader) = early_sync.as_mut() {
+        reader.set_max(max_frame);
+    }
     let session = Session {
         user: welcome.user_id,
         device: welcome.device_id,
@@ -124,6 +131,7 @@ pub(crate) async fn establish(
     let link = Arc::new(Link {
         conn,
         session,
+        max_frame,
         control: tokio::sync::Mutex::new(send),
         conversations: tokio::sync::Mutex::default(),
     });
@@ -134,6 +142,21 @@ pub(crate) async fn establish(
         zero_rtt,
     })
 }
+
+/// The most frames of a session may hold: the server's cap from `Welcome` (a server that
+/// states none uses the protocol default), but never more than [`MAX_ACCEPTED_FRAME_BYTES`],
+/// so a misconfigured server cannot make the client buffer without bound.
+fn negotiated_max_frame(limits: Option<&pb::ServerLimits>) -> usize {
+    match limits.map(|l| l.max_frame_bytes as usize) {
+        None | Some(0) => tern_protocol::DEFAULT_MAX_FRAME_BYTES,
+        Some(max) => max.clamp(MIN_ACCEPTED_FRAME_BYTES, MAX_ACCEPTED_FRAME_BYTES),
+    }
+}
+
+/// Largest frame cap a server may set for this client: 16 MiB.
+const MAX_ACCEPTED_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Smallest: below this not even a sync page of small messages fits.
+const MIN_ACCEPTED_FRAME_BYTES: usize = 4 * 1024;
 
 /// Opens a request stream with a sync request from `since`.
 pub(crate) async fn open_sync(
@@ -352,7 +375,7 @@ async fn keep_in_sync(
                 debug!(error = %e, "0-RTT sync failed; syncing again");
             }
             let cursor = lock(&inner.inbox).cursor();
-            match open_sync(&link.conn, cursor, inner.max_frame).await {
+            match open_sync(&link.conn, cursor, link.max_frame).await {
                 Ok(reader) => inner.read_sync_gated(reader, true).await,
                 Err(e) => Err(e),
             }

@@ -166,7 +166,7 @@ impl Client {
             &ClientFrame {
                 body: Some(client_frame::Body::Send(msg)),
             },
-            self.inner.max_frame,
+            link.max_frame,
         )?;
         let rx = loop {
             let stream = conversation_stream(&self.inner, link, target).await?;
@@ -215,7 +215,7 @@ impl Client {
                 up_to_inbox_seq: inbox_seq,
             })),
         };
-        link.write_control(&frame, self.inner.max_frame).await
+        link.write_control(&frame, link.max_frame).await
     }
 
     /// Messages of a conversation before `before_seq` (0: the newest), newest first.
@@ -378,7 +378,7 @@ async fn conversation_stream(
     let frame = ClientFrame {
         body: Some(client_frame::Body::OpenConversation(open)),
     };
-    send.write_chunk(tern_protocol::frame::frame_bytes(&frame, inner.max_frame)?)
+    send.write_chunk(tern_protocol::frame::frame_bytes(&frame, link.max_frame)?)
         .await?;
     let pending: Arc<Mutex<VecDeque<AckSlot>>> = Arc::default();
     let stream = Arc::new(ConversationStream {
@@ -397,7 +397,7 @@ async fn conversation_stream(
     streams.insert(key.clone(), stream.clone());
     drop(streams);
     tokio::spawn(read_acks(
-        FrameReader::new(recv, inner.max_frame),
+        FrameReader::new(recv, link.max_frame),
         pending,
         link.clone(),
         key,
@@ -415,10 +415,10 @@ impl Inner {
                 body: Some(body),
             })),
         };
-        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, self.max_frame)?)
+        send.write_chunk(tern_protocol::frame::frame_bytes(&frame, link.max_frame)?)
             .await?;
         let _ = send.finish();
-        let mut reader = FrameReader::new(recv, self.max_frame);
+        let mut reader = FrameReader::new(recv, link.max_frame);
         response_of(reader.next::<ServerFrame>().await?)
     }
 
@@ -429,7 +429,7 @@ impl Inner {
         since: u64,
         emit: bool,
     ) -> Result<SyncResult, ClientError> {
-        let reader = open_sync(&link.conn, since, self.max_frame).await?;
+        let reader = open_sync(&link.conn, since, link.max_frame).await?;
         self.read_sync(reader, emit).await
     }
 
@@ -441,7 +441,7 @@ impl Inner {
     /// the sync both deliver its entries in order, and an entry is reported on its first
     /// arrival only, so no entry can be reported before an earlier one of its conversation.
     pub(crate) async fn fill_gap(&self, link: &Link, cursor: u64) -> Result<(), ClientError> {
-        let reader = open_sync(&link.conn, cursor, self.max_frame).await?;
+        let reader = open_sync(&link.conn, cursor, link.max_frame).await?;
         self.read_sync_gated(reader, true).await.map(drop)
     }
 
@@ -615,7 +615,7 @@ async fn read_acks(
 pub(crate) async fn accept_pushes(link: Arc<Link>, inner: Arc<Inner>) {
     while let Ok(recv) = link.conn.accept_uni().await {
         tokio::spawn(read_pushes(
-            FrameReader::new(recv, inner.max_frame),
+            FrameReader::new(recv, link.max_frame),
             inner.clone(),
         ));
     }

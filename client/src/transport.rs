@@ -181,6 +181,11 @@ pub(crate) struct FrameReader {
 }
 
 impl FrameReader {
+    /// The frame cap agreed in `Welcome` replaces the default one the reader started with.
+    pub(crate) fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     pub(crate) fn new(recv: quinn::RecvStream, max: usize) -> Self {
         Self {
             recv,

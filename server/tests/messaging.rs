@@ -678,3 +678,27 @@ async fn removed_members_get_no_receipts() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn frames_follow_the_cap_the_server_announces() {
+    // Frames four times the protocol default: a 300 KB message is over the cap clients start
+    // with, so it goes out, is pushed and syncs only if the client took the cap from Welcome.
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 512 * 1024;
+        c.max_message_bytes = 400 * 1024;
+    })
+    .await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let (_bob_live, mut live_events) = server.connect("bob", "tablet").await;
+    let big = "z".repeat(300_000);
+    alice
+        .send(SendTarget::User("bob".into()), &big, None)
+        .await
+        .unwrap();
+    let pushed = messages(&mut live_events, 1, 10).await;
+    assert_eq!(pushed[0].0.text.len(), 300_000);
+    let (_bob_later, mut synced_events) = server.connect("bob", "phone").await;
+    let synced = messages(&mut synced_events, 1, 10).await;
+    assert_eq!(synced[0].0.text.len(), 300_000);
+    server.stop().await;
+}
