@@ -23,6 +23,7 @@ fn open(dir: &std::path::Path) -> Arc<Store> {
         max_message_bytes: 64 * 1024,
         max_group_members: 10_000,
         durability: Durability::Buffered,
+        cache_entries: 100_000,
     };
     Store::open(dir, limits, Arc::new(Nobody)).unwrap()
 }

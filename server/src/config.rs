@@ -77,6 +77,11 @@ pub struct Config {
     /// resynchronises from conversation heads. 20,000 is a few days of a busy user; beyond it,
     /// paging every entry costs more than fetching the heads and recent history.
     pub sync_limit: u64,
+    /// Users, and separately conversations, the store's writer keeps in memory (about 200
+    /// bytes each, more for large groups). 100,000 keeps every active user of a busy node
+    /// cached; past it, those with nothing waiting for an fsync are dropped and reloaded from
+    /// disk on next use, so made-up recipients cannot grow memory without end.
+    pub store_cache_entries: usize,
 }
 
 impl Default for Config {
@@ -101,6 +106,7 @@ impl Default for Config {
             worker_threads: 1,
             durability: crate::store::Durability::Sync,
             sync_limit: 20_000,
+            store_cache_entries: 100_000,
         }
     }
 }
@@ -148,6 +154,11 @@ impl Config {
         }
         if self.auth_timeout_secs == 0 || self.idle_timeout_secs == 0 {
             return Err(ConfigError::Invalid("timeouts must be positive".into()));
+        }
+        if self.store_cache_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "store_cache_entries must be at least 1".into(),
+            ));
         }
         if self.max_client_bidi_streams < 2 {
             return Err(ConfigError::Invalid(

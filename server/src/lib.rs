@@ -72,6 +72,7 @@ impl ServerState {
             max_message_bytes: config.max_message_bytes as usize,
             max_group_members: config.max_group_members as usize,
             durability: config.durability,
+            cache_entries: config.store_cache_entries,
         };
         let delivery = Arc::new(delivery::LocalDelivery::new(registry.clone()));
         let store = store::Store::open(&config.data_dir.join("store"), limits, delivery)?;

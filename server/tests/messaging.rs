@@ -702,3 +702,85 @@ async fn frames_follow_the_cap_the_server_announces() {
     assert_eq!(synced[0].0.text.len(), 300_000);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_writer_cache_of_two_drops_and_reloads_without_losing_order_or_receipts() {
+    // Five users in ten 1:1 conversations, with room for two users and two conversations
+    // in the writer's caches: nearly every send reloads what it touches from disk.
+    let server = TestServer::start_with(|c| c.store_cache_entries = 2).await;
+    let users: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(server.connect(user, "phone").await);
+    }
+    for round in 0..4 {
+        for (s, sender) in users.iter().enumerate() {
+            for recipient in users.iter().filter(|r| *r != sender) {
+                clients[s]
+                    .0
+                    .send(
+                        SendTarget::User(recipient.clone()),
+                        &format!("{sender}>{recipient}#{round}"),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    assert!(
+        server.state.store.cache_evictions() > 0,
+        "the caches were trimmed"
+    );
+    // Live: each user got 4 messages from each of the 4 others, in conversation order.
+    for (i, (_, events)) in clients.iter_mut().enumerate() {
+        let got = messages(events, 16, 10).await;
+        for sender in users.iter().filter(|s| **s != users[i]) {
+            let from: Vec<&pb::Message> = got
+                .iter()
+                .map(|(m, _)| m)
+                .filter(|m| m.sender == *sender)
+                .collect();
+            let texts: Vec<String> = from.iter().map(|m| m.text.clone()).collect();
+            let expected: Vec<String> = (0..4)
+                .map(|r| format!("{sender}>{}#{r}", users[i]))
+                .collect();
+            assert_eq!(texts, expected);
+            assert!(from.windows(2).all(|w| w[0].seq < w[1].seq));
+        }
+        quiet(events, 200).await;
+    }
+    // Delivered receipts reach u0 for the last message it sent in each conversation, seq 7
+    // (each conversation's seq 8 is the other user's answer).
+    let mut receipted = std::collections::BTreeSet::new();
+    while receipted.len() < 4 {
+        let receipt = wait_for(&mut clients[0].1, 10, |e| match e {
+            Event::Receipt { receipt, .. }
+                if receipt.kind == ReceiptKind::Delivered as i32 && receipt.up_to_seq == 7 =>
+            {
+                Some(receipt)
+            }
+            _ => None,
+        })
+        .await;
+        receipted.insert(receipt.user_id);
+    }
+    // A new device of each user syncs its whole inbox: every conversation's seqs 1 to 8.
+    for user in &users {
+        let (_tablet, mut events) = server.connect(user, "tablet").await;
+        let got = messages(&mut events, 32, 10).await;
+        let mut seqs: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for (m, _) in &got {
+            seqs.entry(m.conversation_id.clone())
+                .or_default()
+                .push(m.seq);
+        }
+        assert_eq!(seqs.len(), 4, "{user}: {seqs:?}");
+        assert!(
+            seqs.values().all(|s| *s == (1..=8).collect::<Vec<u64>>()),
+            "{user}: {seqs:?}"
+        );
+        quiet(&mut events, 200).await;
+    }
+    server.stop().await;
+}

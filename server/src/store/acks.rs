@@ -44,6 +44,13 @@ impl Remembered {
         }
     }
 
+    /// `user` left the writer's cache: what it remembered is read from the inbox instead.
+    pub fn unload(&mut self, user: &str) {
+        if let Some(old) = self.users.remove(user) {
+            self.total = self.total.saturating_sub(old.received.len());
+        }
+    }
+
     fn push(
         &mut self,
         user: &Arc<str>,

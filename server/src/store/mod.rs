@@ -7,6 +7,7 @@
 //! entry that a crash could take back.
 
 mod acks;
+mod cache;
 mod commit;
 mod groups;
 mod inbox;
@@ -98,6 +99,8 @@ pub(crate) struct Published {
     /// in them.
     pub groups: std::sync::atomic::AtomicU64,
     pub commands: std::sync::atomic::AtomicU64,
+    /// Users and conversations dropped from the writer's caches ([`cache`]).
+    pub evicted: std::sync::atomic::AtomicU64,
 }
 
 /// Handle to the store, shared by every session.
@@ -130,6 +133,8 @@ pub struct StoreLimits {
     pub max_message_bytes: usize,
     pub max_group_members: usize,
     pub durability: Durability,
+    /// Users, and separately conversations, the writer keeps cached ([`cache`]).
+    pub cache_entries: usize,
 }
 
 impl Store {
@@ -168,6 +173,13 @@ impl Store {
             self.published.groups.load(Relaxed),
             self.published.commands.load(Relaxed),
         )
+    }
+
+    /// Users and conversations dropped from the writer's caches so far (reloaded on use).
+    pub fn cache_evictions(&self) -> u64 {
+        self.published
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The writer, for operations that change state.

@@ -429,6 +429,7 @@ impl Writer {
             if self.handoff.send(handoff).is_err() {
                 break;
             }
+            self.trim_caches();
         }
     }
 
