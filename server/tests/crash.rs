@@ -19,9 +19,15 @@ impl Drop for Server {
     }
 }
 
+/// Starts the server on `dir`, with `dir/tern.toml` as its configuration if there is one.
 fn start(dir: &Path, port: u16) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tern-server"));
+    let config = dir.join("tern.toml");
+    if config.exists() {
+        command.arg("--config").arg(config);
+    }
     Server(
-        Command::new(env!("CARGO_BIN_EXE_tern-server"))
+        command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--data-dir", &dir.join("data").to_string_lossy()])
             .args(["--certs-dir", &dir.join("certs").to_string_lossy()])
@@ -84,7 +90,21 @@ async fn connect_with(
 
 #[tokio::test]
 async fn acknowledged_messages_survive_sigkill() {
+    survive_sigkill(None).await;
+}
+
+/// The same with room for one user and one conversation in the writer's caches, so they are
+/// dropped and reloaded from disk around nearly every send up to the kill.
+#[tokio::test]
+async fn acknowledged_messages_survive_sigkill_with_a_writer_cache_of_one() {
+    survive_sigkill(Some("store_cache_entries = 1\n")).await;
+}
+
+async fn survive_sigkill(config: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
+    if let Some(config) = config {
+        std::fs::write(dir.path().join("tern.toml"), config).unwrap();
+    }
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
