@@ -24,6 +24,8 @@ fn open(dir: &std::path::Path) -> Arc<Store> {
         max_group_members: 10_000,
         durability: Durability::Buffered,
         cache_entries: 100_000,
+        conversation_starts_per_minute: 0,
+        conversation_starts_burst: 1,
     };
     Store::open(dir, limits, Arc::new(Nobody)).unwrap()
 }

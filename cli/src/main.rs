@@ -360,6 +360,7 @@ async fn listen(
                     Some(code) => anyhow::Error::new(ClientError::Server {
                         code,
                         message: reason,
+                        retry_after_ms: 0,
                     }),
                     None => anyhow::anyhow!("disconnected: {reason}"),
                 });

@@ -11,8 +11,13 @@ pub enum ClientError {
     #[error("configuration: {0}")]
     Config(String),
     /// The server refused the request or closed the session, with a protocol error code.
+    /// With `RATE_LIMITED`, `retry_after_ms` is how long the server asks to wait (else 0).
     #[error("server error {code}: {message}")]
-    Server { code: ErrorCode, message: String },
+    Server {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u64,
+    },
     /// The connection closed, for a reason that is not a tern error code.
     #[error("connection lost: {0}")]
     ConnectionLost(quinn::ConnectionError),
@@ -76,6 +81,7 @@ impl ClientError {
                 ClientError::Server {
                     code,
                     message: String::from_utf8_lossy(&close.reason).into_owned(),
+                    retry_after_ms: 0,
                 }
             }
             _ => ClientError::ConnectionLost(e),
@@ -99,6 +105,7 @@ impl From<quinn::ReadError> for ClientError {
                     .and_then(ErrorCode::from_u32)
                     .unwrap_or(ErrorCode::Internal),
                 message: "stream reset by server".into(),
+                retry_after_ms: 0,
             },
             other => ClientError::Unexpected(other.to_string()),
         }
@@ -115,6 +122,7 @@ impl From<quinn::WriteError> for ClientError {
                     .and_then(ErrorCode::from_u32)
                     .unwrap_or(ErrorCode::Internal),
                 message: "stream stopped by server".into(),
+                retry_after_ms: 0,
             },
             other => ClientError::Unexpected(other.to_string()),
         }
@@ -126,6 +134,7 @@ impl From<tern_protocol::pb::Error> for ClientError {
         ClientError::Server {
             code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal),
             message: e.message,
+            retry_after_ms: e.retry_after_ms,
         }
     }
 }

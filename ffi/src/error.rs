@@ -85,7 +85,7 @@ pub enum TernError {
 impl From<ClientError> for TernError {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Server { code, message } => Self::Server {
+            ClientError::Server { code, message, .. } => Self::Server {
                 code: code.into(),
                 detail: message,
             },

@@ -82,6 +82,13 @@ pub struct Config {
     /// cached; past it, those with nothing waiting for an fsync are dropped and reloaded from
     /// disk on next use, so made-up recipients cannot grow memory without end.
     pub store_cache_entries: usize,
+    /// Conversations (direct or group) one user may start per minute, after a burst of
+    /// `conversation_starts_burst`; 0 turns the limit off. Every conversation is stored for
+    /// good, so without a limit one client could fill disk by messaging made-up users. 30 a
+    /// minute after 200 at once is far above a person's pace (an app importing contacts
+    /// starts many at once, hence the burst) and caps a runaway client at 43,000 a day.
+    pub conversation_starts_per_minute: u32,
+    pub conversation_starts_burst: u32,
 }
 
 impl Default for Config {
@@ -107,6 +114,8 @@ impl Default for Config {
             durability: crate::store::Durability::Sync,
             sync_limit: 20_000,
             store_cache_entries: 100_000,
+            conversation_starts_per_minute: 30,
+            conversation_starts_burst: 200,
         }
     }
 }

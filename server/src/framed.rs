@@ -90,11 +90,20 @@ pub async fn write_frame(
 
 /// An `Error` frame.
 pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    error_frame_retry(code, message, 0)
+}
+
+/// An `Error` frame telling when to retry (`RATE_LIMITED`).
+pub fn error_frame_retry(
+    code: ErrorCode,
+    message: impl Into<String>,
+    retry_after_ms: u64,
+) -> ServerFrame {
     ServerFrame {
         body: Some(server_frame::Body::Error(pb::Error {
             code: code as i32,
             message: message.into(),
-            retry_after_ms: 0,
+            retry_after_ms,
         })),
     }
 }

@@ -73,6 +73,8 @@ impl ServerState {
             max_group_members: config.max_group_members as usize,
             durability: config.durability,
             cache_entries: config.store_cache_entries,
+            conversation_starts_per_minute: config.conversation_starts_per_minute,
+            conversation_starts_burst: config.conversation_starts_burst,
         };
         let delivery = Arc::new(delivery::LocalDelivery::new(registry.clone()));
         let store = store::Store::open(&config.data_dir.join("store"), limits, delivery)?;

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::ServerState;
-use crate::framed::{FrameReader, error_frame, write_frame};
+use crate::framed::{FrameReader, error_frame, error_frame_retry, write_frame};
 use crate::registry::Session;
 use crate::store::{GroupOp, SendOutcome, StoreError, Target};
 
@@ -104,7 +104,8 @@ async fn serve_stream(
             body: Some(client_frame::Body::Request(req)),
         })) => {
             if let Err(e) = request_stream(&state, &session, &mut send, req).await {
-                let _ = write_frame(&mut send, &error_frame(e.code(), e.to_string()), max).await;
+                let frame = error_frame_retry(e.code(), e.to_string(), e.retry_after_ms());
+                let _ = write_frame(&mut send, &frame, max).await;
             }
             let _ = send.finish();
         }
@@ -279,7 +280,7 @@ fn ack_frame(
                 inbox_seq: outcome.sender_inbox_seq,
             })),
         },
-        Some(Err(e)) => error_frame(e.code(), e.to_string()),
+        Some(Err(e)) => error_frame_retry(e.code(), e.to_string(), e.retry_after_ms()),
         None => error_frame(ErrorCode::Internal, "storage writer stopped"),
     }
 }
@@ -532,6 +533,13 @@ impl StreamError {
             StreamError::Invalid(_) => ErrorCode::InvalidArgument,
             StreamError::Gone => ErrorCode::Ok,
             StreamError::Encode(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn retry_after_ms(&self) -> u64 {
+        match self {
+            StreamError::Store(e) => e.retry_after_ms(),
+            _ => 0,
         }
     }
 }

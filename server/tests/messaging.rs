@@ -784,3 +784,54 @@ async fn a_writer_cache_of_two_drops_and_reloads_without_losing_order_or_receipt
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn starting_conversations_is_rate_limited_per_user_with_a_typed_wait() {
+    // Three starts at once, then one a second.
+    let server = TestServer::start_with(|c| {
+        c.conversation_starts_burst = 3;
+        c.conversation_starts_per_minute = 60;
+    })
+    .await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    for peer in ["p1", "p2", "p3"] {
+        alice
+            .send(SendTarget::User(peer.into()), "hi", None)
+            .await
+            .unwrap();
+    }
+    match alice.send(SendTarget::User("p4".into()), "hi", None).await {
+        Err(ClientError::Server {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        }) => assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}"),
+        other => panic!("expected RATE_LIMITED, got {other:?}"),
+    }
+    let refused = alice
+        .create_group("crowd", &["p5".to_string()])
+        .await
+        .map(drop);
+    assert_eq!(code_of(refused), ErrorCode::RateLimited);
+    // Existing conversations go on, and other users are not limited.
+    let again = alice
+        .send(SendTarget::User("p1".into()), "again", None)
+        .await
+        .unwrap();
+    assert_eq!(again.seq, 2);
+    let (bob, _b) = server.connect("bob", "phone").await;
+    bob.send(SendTarget::User("p9".into()), "hi", None)
+        .await
+        .unwrap();
+    // The refused start stored nothing: p4 has no conversation.
+    let (p4, _p4_events) = server.connect("p4", "phone").await;
+    assert!(p4.conversations().await.unwrap().is_empty());
+    // A second later a token is back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = alice
+        .send(SendTarget::User("p4".into()), "now", None)
+        .await
+        .unwrap();
+    assert_eq!(started.seq, 1);
+    server.stop().await;
+}

@@ -25,6 +25,7 @@ impl Writer {
     /// Drops what is durable from a cache that outgrew its bound. Called between groups.
     pub(super) fn trim_caches(&mut self) {
         let limit = self.limits.cache_entries;
+        self.starts.trim(limit, std::time::Instant::now());
         if self.inbox_heads.len() > limit {
             let before = self.inbox_heads.len();
             let published = &self.published.inbox;

@@ -160,6 +160,7 @@ impl Writer {
                 self.limits.max_group_members
             )));
         }
+        self.starts.take(owner, std::time::Instant::now())?;
         let mut raw = [0u8; 8];
         rand::rng().fill_bytes(&mut raw);
         let id: Arc<str> = Arc::from(format!(

@@ -12,6 +12,7 @@ mod commit;
 mod groups;
 mod inbox;
 mod keys;
+mod rate;
 mod reads;
 pub mod writer;
 
@@ -39,6 +40,11 @@ pub enum StoreError {
     MessageTooLarge { size: usize, max: usize },
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
+    #[error("too many {what}; retry in {retry_after_ms} ms")]
+    RateLimited {
+        what: &'static str,
+        retry_after_ms: u64,
+    },
     #[error("storage: {0}")]
     Storage(#[from] fjall::Error),
     #[error("stored record is corrupt: {0}")]
@@ -52,6 +58,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// With `RATE_LIMITED`: how long to wait before retrying, else 0.
+    pub fn retry_after_ms(&self) -> u64 {
+        match self {
+            StoreError::RateLimited { retry_after_ms, .. } => *retry_after_ms,
+            _ => 0,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             StoreError::NotFound(_) => ErrorCode::NotFound,
@@ -59,6 +73,7 @@ impl StoreError {
             StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             StoreError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
             StoreError::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            StoreError::RateLimited { .. } => ErrorCode::RateLimited,
             StoreError::Storage(_)
             | StoreError::Corrupt(_)
             | StoreError::CorruptRecord(_)
@@ -135,6 +150,10 @@ pub struct StoreLimits {
     pub durability: Durability,
     /// Users, and separately conversations, the writer keeps cached ([`cache`]).
     pub cache_entries: usize,
+    /// Conversations a user may start per minute, and at once ([`rate`]); 0 per minute: no
+    /// limit.
+    pub conversation_starts_per_minute: u32,
+    pub conversation_starts_burst: u32,
 }
 
 impl Store {

@@ -22,6 +22,7 @@ use tracing::error;
 
 use super::acks::Remembered;
 use super::keys::{self, pair_key, prefix, seq_key};
+use super::rate::StartBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
 
@@ -251,6 +252,10 @@ pub(super) fn spawn(
         failed: failed.clone(),
         finisher: commit::Finisher::new(published.clone(), delivery),
     };
+    let starts = StartBuckets::new(
+        limits.conversation_starts_per_minute,
+        limits.conversation_starts_burst,
+    );
     let writer = Writer {
         db,
         ks,
@@ -259,6 +264,7 @@ pub(super) fn spawn(
         convs: HashMap::new(),
         inbox_heads: HashMap::new(),
         remembered: Remembered::default(),
+        starts,
         group: Group::default(),
         failed,
         handoff,
@@ -370,6 +376,8 @@ pub(super) struct Writer {
     pub inbox_heads: HashMap<Arc<str>, u64>,
     /// Per user, the received messages no device has acknowledged yet ([`super::acks`]).
     pub remembered: Remembered,
+    /// Per user, how many conversations they may start now ([`super::rate`]).
+    pub starts: StartBuckets,
     pub group: Group,
     /// A commit or fsync failed: every later command is refused.
     pub failed: Arc<AtomicBool>,
@@ -641,6 +649,7 @@ impl Writer {
                 }
                 let id = tern_protocol::ids::direct_conversation_id(sender, peer);
                 if self.conv(&id)?.is_none() {
+                    self.starts.take(sender, std::time::Instant::now())?;
                     self.create_direct(&id, sender, peer, batch);
                 }
                 id
