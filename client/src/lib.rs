@@ -268,6 +268,8 @@ pub(crate) struct Inner {
     /// Client message ids this device is sending now: their messages reach the app through
     /// the send's result, never also as events (whichever of SendAck, push or sync comes first).
     pub sending: Mutex<HashSet<String>>,
+    /// Per conversation stream key, the order of its unfinished sends.
+    pub send_order: Mutex<HashMap<String, messaging::SendOrder>>,
     pub background: AtomicBool,
     pub stats: datagrams::Counters,
 }
@@ -382,6 +384,7 @@ impl Client {
             user: first.link.session.user.clone(),
             device: first.link.session.device.clone(),
             sending: Mutex::default(),
+            send_order: Mutex::default(),
             background: AtomicBool::new(config.background),
             stats: datagrams::Counters::default(),
             config,

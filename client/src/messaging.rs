@@ -1,10 +1,11 @@
 //! Messages, sync, receipts, history and groups.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use tern_protocol::ErrorCode;
 use tern_protocol::pb::{
     self, ClientFrame, ServerFrame, client_frame, request, response, server_frame,
 };
@@ -75,6 +76,92 @@ impl Drop for Sending<'_> {
     }
 }
 
+/// The sends of one conversation that have not finished, in the order the app made them:
+/// ticket → the connection (`stable_id`) it was last written on. A send is written only
+/// after every earlier unfinished one was written on the same connection, so sends retried
+/// after a lost connection reach the server in their original order (the server stores a
+/// stream's sends in stream order, and what the old connection stored is a prefix of them,
+/// answered as duplicates).
+#[derive(Default)]
+pub(crate) struct SendOrder {
+    next: u64,
+    outstanding: BTreeMap<u64, Option<usize>>,
+    turn: Arc<tokio::sync::Notify>,
+}
+
+/// A send's place in its conversation's [`SendOrder`], given up when the send finishes
+/// (also when the app drops its future).
+struct Ticket<'a> {
+    inner: &'a Inner,
+    key: String,
+    n: u64,
+    turn: Arc<tokio::sync::Notify>,
+}
+
+impl<'a> Ticket<'a> {
+    fn new(inner: &'a Inner, key: String) -> Self {
+        let mut orders = lock(&inner.send_order);
+        let order = orders.entry(key.clone()).or_default();
+        let n = order.next;
+        order.next += 1;
+        order.outstanding.insert(n, None);
+        let turn = order.turn.clone();
+        drop(orders);
+        Self {
+            inner,
+            key,
+            n,
+            turn,
+        }
+    }
+
+    /// Whether every earlier unfinished send was written on connection `conn`.
+    fn is_turn(&self, conn: usize) -> bool {
+        lock(&self.inner.send_order)
+            .get(&self.key)
+            .is_none_or(|o| o.outstanding.range(..self.n).all(|(_, w)| *w == Some(conn)))
+    }
+
+    /// Waits for this send's turn on `link`; fails if the link is lost meanwhile (an earlier
+    /// send then goes to the next link, and so must this one).
+    async fn wait_turn(&self, link: &Link) -> Result<(), ClientError> {
+        let conn = link.conn.stable_id();
+        loop {
+            let notified = self.turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_turn(conn) {
+                return Ok(());
+            }
+            tokio::select! {
+                () = notified => {}
+                _ = link.conn.closed() => return Err(link.lost()),
+            }
+        }
+    }
+
+    fn written_on(&self, conn: usize) {
+        if let Some(order) = lock(&self.inner.send_order).get_mut(&self.key) {
+            order.outstanding.insert(self.n, Some(conn));
+        }
+        self.turn.notify_waiters();
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut orders = lock(&self.inner.send_order);
+        if let Some(order) = orders.get_mut(&self.key) {
+            order.outstanding.remove(&self.n);
+            if order.outstanding.is_empty() {
+                orders.remove(&self.key);
+            }
+        }
+        drop(orders);
+        self.turn.notify_waiters();
+    }
+}
+
 type AckSlot = oneshot::Sender<Result<pb::SendAck, ClientError>>;
 
 /// One open conversation stream: writes are serialized, answers come back in order.
@@ -126,6 +213,7 @@ impl Client {
         }
         let client_message_id = msg.client_message_id.clone();
         let _sending = Sending::new(&self.inner, &client_message_id);
+        let ticket = Ticket::new(&self.inner, stream_key(&self.inner, &target));
         let mut result = Err(ClientError::Disconnected);
         for _ in 0..SEND_ATTEMPTS {
             let link = match self.inner.wait_link().await {
@@ -135,7 +223,7 @@ impl Client {
                     break;
                 }
             };
-            result = self.send_on(&link, &target, msg.clone()).await;
+            result = self.send_on(&link, &target, msg.clone(), &ticket).await;
             match &result {
                 Err(e)
                     if e.is_transient()
@@ -160,6 +248,7 @@ impl Client {
         link: &Arc<Link>,
         target: &SendTarget,
         msg: pb::SendMessage,
+        ticket: &Ticket<'_>,
     ) -> Result<SentMessage, ClientError> {
         let client_message_id = msg.client_message_id.clone();
         let bytes = tern_protocol::frame::frame_bytes(
@@ -170,6 +259,8 @@ impl Client {
         )?;
         let rx = loop {
             let stream = conversation_stream(&self.inner, link, target).await?;
+            // Not holding the stream's lock while waiting: the earlier sends need it.
+            ticket.wait_turn(link).await?;
             let mut guard = stream.send.lock().await;
             // Reaped between lookup and lock: the map no longer holds it, so this opens anew.
             let Some(send) = guard.as_mut() else { continue };
@@ -184,9 +275,22 @@ impl Client {
                     .remove(&stream_key(&self.inner, target));
                 return Err(e.into());
             }
+            ticket.written_on(link.conn.stable_id());
             break rx;
         };
         let ack = rx.await.map_err(|_| link.lost())??;
+        // Answers are paired with sends by position; a mismatch means a lost or extra
+        // answer, and the ids would belong to another message.
+        if ack.client_message_id != client_message_id {
+            link.close(
+                ErrorCode::ProtocolViolation,
+                "send answers out of step with sends",
+            );
+            return Err(ClientError::Unexpected(format!(
+                "answer for {} while waiting for {client_message_id}",
+                ack.client_message_id
+            )));
+        }
         // The server does not push our own message back to this device.
         lock(&self.inner.inbox).accept(ack.inbox_seq);
         Ok(SentMessage {

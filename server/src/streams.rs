@@ -189,10 +189,17 @@ async fn conversation_stream(
             let mut bytes = bytes::BytesMut::new();
             let mut frame = ack_frame(client_message_id, rx.await.ok());
             // One group commit answers many sends at once: write every answer already here
-            // in one go, in order, instead of waking the connection once per ack.
-            for _ in 0..ACK_BATCH {
+            // in one go, in order, instead of waking the connection once per ack. Every answer
+            // taken from the queue is encoded before the batch may end: the client pairs
+            // answers with its sends by position, so a dropped one would shift all later ones.
+            let mut batched = 0;
+            loop {
                 if tern_protocol::frame::encode_frame(&frame, max, &mut bytes).is_err() {
                     return;
+                }
+                batched += 1;
+                if batched == ACK_BATCH {
+                    break;
                 }
                 let Ok((client_message_id, mut rx)) = ack_rx.try_recv() else {
                     break;

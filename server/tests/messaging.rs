@@ -835,3 +835,40 @@ async fn starting_conversations_is_rate_limited_per_user_with_a_typed_wait() {
     assert_eq!(started.seq, 1);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_pipelined_sends_gets_every_answer_in_step() {
+    // More sends in flight on one stream than the server writes answers at once (64): each
+    // must get its own answer, none lost or shifted to the next send.
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let alice = Arc::new(alice);
+    let sends: Vec<_> = (0..300)
+        .map(|i| {
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                alice
+                    .send(SendTarget::User("bob".into()), &i.to_string(), None)
+                    .await
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for send in sends {
+        let sent = tokio::time::timeout(Duration::from_secs(20), send)
+            .await
+            .expect("a send got no answer")
+            .unwrap()
+            .unwrap();
+        let stored = server
+            .state
+            .store
+            .message(&sent.conversation_id, sent.seq)
+            .unwrap();
+        assert_eq!(stored.client_message_id, sent.client_message_id);
+        seqs.push(sent.seq);
+    }
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    assert_eq!(alice.stats().reconnects, 0);
+    server.stop().await;
+}

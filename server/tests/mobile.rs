@@ -407,3 +407,45 @@ async fn background_devices_get_messages_but_no_presence_or_typing() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn sends_in_flight_when_the_connection_drops_are_stored_in_call_order() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = server.connect("alice", "phone").await;
+    let (_bob, mut bob_events) = server.connect("bob", "phone").await;
+    let alice = Arc::new(alice);
+    // 300 sends of one conversation, all in flight at once, made in order (the test runtime
+    // has one thread, so tasks first run in the order they were spawned).
+    let sends: Vec<_> = (0..300)
+        .map(|i| {
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                alice
+                    .send(SendTarget::User("bob".into()), &i.to_string(), None)
+                    .await
+                    .map(|sent| sent.seq)
+            })
+        })
+        .collect();
+    // Drop the connection under the client once part of them is stored.
+    while server.state.store.conversation_head("d:alice:bob").unwrap() < 50 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    alice
+        .connection()
+        .unwrap()
+        .close(0u32.into(), b"simulated loss");
+    let mut seqs = Vec::new();
+    for send in sends {
+        seqs.push(send.await.unwrap().unwrap());
+    }
+    assert_eq!(alice.stats().reconnects, 1, "the drop came mid-burst");
+    // Stored once each, in the order the app made them.
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    let received = collect(&mut bob_events, 300, 30).await;
+    assert_once_in_order(&received);
+    let texts: Vec<String> = received.into_iter().map(|(_, _, text)| text).collect();
+    assert_eq!(texts, (0..300).map(|i| i.to_string()).collect::<Vec<_>>());
+    let _ = &mut alice_events;
+    server.stop().await;
+}
