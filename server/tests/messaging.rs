@@ -843,16 +843,7 @@ async fn a_burst_of_pipelined_sends_gets_every_answer_in_step() {
     let server = TestServer::start().await;
     let (alice, _a) = server.connect("alice", "phone").await;
     let alice = Arc::new(alice);
-    let sends: Vec<_> = (0..300)
-        .map(|i| {
-            let alice = alice.clone();
-            tokio::spawn(async move {
-                alice
-                    .send(SendTarget::User("bob".into()), &i.to_string(), None)
-                    .await
-            })
-        })
-        .collect();
+    let sends = common::spawn_sends(&alice, "bob", 300);
     let mut seqs = Vec::new();
     for send in sends {
         let sent = tokio::time::timeout(Duration::from_secs(20), send)

@@ -414,19 +414,8 @@ async fn sends_in_flight_when_the_connection_drops_are_stored_in_call_order() {
     let (alice, mut alice_events) = server.connect("alice", "phone").await;
     let (_bob, mut bob_events) = server.connect("bob", "phone").await;
     let alice = Arc::new(alice);
-    // 300 sends of one conversation, all in flight at once, made in order (the test runtime
-    // has one thread, so tasks first run in the order they were spawned).
-    let sends: Vec<_> = (0..300)
-        .map(|i| {
-            let alice = alice.clone();
-            tokio::spawn(async move {
-                alice
-                    .send(SendTarget::User("bob".into()), &i.to_string(), None)
-                    .await
-                    .map(|sent| sent.seq)
-            })
-        })
-        .collect();
+    // 300 sends of one conversation, all in flight at once, made in order.
+    let sends = common::spawn_sends(&alice, "bob", 300);
     // Drop the connection under the client once part of them is stored.
     while server.state.store.conversation_head("d:alice:bob").unwrap() < 50 {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -437,7 +426,7 @@ async fn sends_in_flight_when_the_connection_drops_are_stored_in_call_order() {
         .close(0u32.into(), b"simulated loss");
     let mut seqs = Vec::new();
     for send in sends {
-        seqs.push(send.await.unwrap().unwrap());
+        seqs.push(send.await.unwrap().unwrap().seq);
     }
     assert_eq!(alice.stats().reconnects, 1, "the drop came mid-burst");
     // Stored once each, in the order the app made them.

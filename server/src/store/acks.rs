@@ -51,7 +51,9 @@ impl Remembered {
         }
     }
 
-    fn push(
+    /// `user` received message `seq` of `conversation` from `sender` at `inbox_seq`; it is
+    /// remembered until a device of `user` acknowledges it.
+    pub fn push(
         &mut self,
         user: &Arc<str>,
         inbox_seq: u64,
@@ -192,19 +194,6 @@ fn add(covered: &mut Covered, conversation: Arc<str>, seq: u64, sender: Arc<str>
 }
 
 impl Writer {
-    /// Remembers a message `user` received, for the receipt its acknowledgement sends.
-    pub(super) fn remember_received(
-        &mut self,
-        user: &Arc<str>,
-        inbox_seq: u64,
-        conversation: &Arc<str>,
-        seq: u64,
-        sender: &Arc<str>,
-    ) {
-        self.remembered
-            .push(user, inbox_seq, conversation, seq, sender);
-    }
-
     /// A device processed its inbox up to `up_to`: store its cursor, and send DELIVERED
     /// receipts to the senders of the messages it newly received.
     pub(super) fn ack(

@@ -716,7 +716,8 @@ impl Writer {
             if member == sender {
                 sender_inbox_seq = inbox_seq;
             } else {
-                self.remember_received(member, inbox_seq, &conv_arc, seq, sender);
+                self.remembered
+                    .push(member, inbox_seq, &conv_arc, seq, sender);
             }
         }
         // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.

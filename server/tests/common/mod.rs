@@ -117,6 +117,26 @@ pub async fn next_loss(
 }
 
 /// Waits for the next event `pick` accepts, skipping others, failing after `secs`.
+/// `n` sends to `peer` with texts "0", "1", ..., each its own task, all in flight at once and
+/// made in order (a test runtime has one thread, so tasks first run in spawn order).
+pub fn spawn_sends(
+    client: &Arc<Client>,
+    peer: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<tern_client::SentMessage, tern_client::ClientError>>> {
+    (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let peer = peer.to_owned();
+            tokio::spawn(async move {
+                client
+                    .send(tern_client::SendTarget::User(peer), &i.to_string(), None)
+                    .await
+            })
+        })
+        .collect()
+}
+
 pub async fn wait_for<T>(
     events: &mut tern_client::Events,
     secs: u64,
