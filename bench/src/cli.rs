@@ -126,6 +126,10 @@ pub struct DirectArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 100)]
     pub size: usize,
+    /// Send with the bench's own client message ids, which the server indexes (as it does an
+    /// app's own ids); by default the client library makes the ids, as for most sends.
+    #[arg(long)]
+    pub app_ids: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -35,6 +35,10 @@ pub struct Plan {
     pub in_flight: usize,
     /// Messages per flow at most (the duration still applies).
     pub limit: Option<u64>,
+    /// Messages carry the bench's own client message ids, as an app's own ids would be
+    /// (indexed by the server for resends at any time); otherwise the client library makes
+    /// them, as for an app that passes none.
+    pub app_ids: bool,
 }
 
 impl Plan {
@@ -45,6 +49,7 @@ impl Plan {
             rate: None,
             in_flight,
             limit: None,
+            app_ids: false,
         }
     }
 }
@@ -102,6 +107,7 @@ pub async fn send(flows: &[Flow], plan: Plan) -> Sent {
                 period,
                 offset,
                 limit: plan.limit,
+                app_ids: plan.app_ids,
             };
             tasks.spawn(send_loop(flow, next, acked, pace));
         }
@@ -137,6 +143,7 @@ struct Pace {
     period: Option<Duration>,
     offset: Duration,
     limit: Option<u64>,
+    app_ids: bool,
 }
 
 async fn send_loop(
@@ -164,7 +171,7 @@ async fn send_loop(
         if pace.limit.is_some_and(|limit| n >= limit) {
             break;
         }
-        if send_one(&flow, n, &mut hist).await {
+        if send_one(&flow, n, pace.app_ids, &mut hist).await {
             acked.fetch_add(1, Ordering::Relaxed);
         } else {
             errors += 1;
@@ -174,15 +181,25 @@ async fn send_loop(
 }
 
 /// Sends message `n` of `flow`; whether it was acknowledged.
-pub async fn send_one(flow: &Flow, n: u64, ack_latency: &mut Histogram<u64>) -> bool {
+pub async fn send_one(
+    flow: &Flow,
+    n: u64,
+    app_ids: bool,
+    ack_latency: &mut Histogram<u64>,
+) -> bool {
     let probe = Probe {
         flow: flow.id,
         n,
         sent_us: probe::now_us(),
     };
     let msg = pb::SendMessage {
-        // Stable per message, so a retry after a lost connection is stored once.
-        client_message_id: format!("b{}-{n}", flow.id),
+        // Either way, the library's retries after a lost connection repeat the id, so the
+        // message is stored once.
+        client_message_id: if app_ids {
+            format!("b{}-{n}", flow.id)
+        } else {
+            String::new()
+        },
         payload: probe.payload(flow.size),
         ..Default::default()
     };

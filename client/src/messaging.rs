@@ -173,15 +173,16 @@ pub(crate) struct ConversationStream {
 }
 
 impl Client {
-    /// Sends `text`. `client_message_id` makes retries safe: a repeat returns the original
-    /// ids and stores nothing new. Without one, a random id is used.
+    /// Sends `text`. `client_message_id` makes a resend safe at any later time (after the app
+    /// restarted, say): a repeat returns the original ids and stores nothing new. Without one,
+    /// the client makes an id for this send, and its own retries are recognised.
     pub async fn send(
         &self,
         target: SendTarget,
         text: &str,
         client_message_id: Option<String>,
     ) -> Result<SentMessage, ClientError> {
-        let client_message_id = client_message_id.unwrap_or_else(random_id);
+        let client_message_id = client_message_id.unwrap_or_default();
         self.send_message(
             target,
             pb::SendMessage {
@@ -196,13 +197,21 @@ impl Client {
     /// Sends a message with optional opaque payload. If the connection is lost before the
     /// acknowledgement, the send is retried on the next connection with the same client
     /// message id, so it is stored exactly once.
+    ///
+    /// An id the app sets is recognised whenever it comes again (`ID_SCOPE_ANY_TIME`, the
+    /// server indexes it). Without one, the client makes an id for this send that only its
+    /// own retries repeat (`ID_SCOPE_RETRIES`): each retry names the inbox cursor from before
+    /// the first attempt, and the server looks for the original only after it, which spares
+    /// every other send the index.
     pub async fn send_message(
         &self,
         target: SendTarget,
         mut msg: pb::SendMessage,
     ) -> Result<SentMessage, ClientError> {
+        let stored_before = lock(&self.inner.inbox).cursor();
         if msg.client_message_id.is_empty() {
             msg.client_message_id = random_id();
+            msg.set_id_scope(pb::IdScope::Retries);
         }
         if self.inner.config.single_stream_for_bench {
             // One stream for every conversation: each send names its target.
@@ -215,7 +224,10 @@ impl Client {
         let _sending = Sending::new(&self.inner, &client_message_id);
         let ticket = Ticket::new(&self.inner, stream_key(&self.inner, &target));
         let mut result = Err(ClientError::Disconnected);
-        for _ in 0..SEND_ATTEMPTS {
+        for attempt in 0..SEND_ATTEMPTS {
+            if attempt > 0 && msg.id_scope() == pb::IdScope::Retries {
+                msg.retry_after_inbox_seq = Some(stored_before);
+            }
             let link = match self.inner.wait_link().await {
                 Ok(link) => link,
                 Err(e) => {

@@ -863,3 +863,168 @@ async fn a_burst_of_pipelined_sends_gets_every_answer_in_step() {
     assert_eq!(alice.stats().reconnects, 0);
     server.stop().await;
 }
+
+/// A raw session of `user`: Hello answered by Welcome, then one conversation stream to
+/// `peer`, on which `send` writes a `SendMessage` and reads its answer.
+struct RawConversation {
+    _endpoint: quinn::Endpoint,
+    _conn: quinn::Connection,
+    _control: quinn::SendStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawConversation {
+    async fn open(server: &TestServer, user: &str, peer: &str) -> Self {
+        let max = 1 << 20;
+        let (endpoint, conn) = tern_client::Client::connect_raw(&server.config(""))
+            .await
+            .unwrap();
+        let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+        let hello = pb::ClientFrame {
+            body: Some(pb::client_frame::Body::Hello(pb::Hello {
+                protocol_version: 1,
+                token: server.token(user, "raw"),
+                ..Default::default()
+            })),
+        };
+        control
+            .write_all(&tern_protocol::frame::frame_bytes(&hello, max).unwrap())
+            .await
+            .unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let welcome = read_server_frame(&mut control_recv, &mut buf).await;
+        assert!(
+            matches!(welcome.body, Some(pb::server_frame::Body::Welcome(_))),
+            "{welcome:?}"
+        );
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let open = pb::ClientFrame {
+            body: Some(pb::client_frame::Body::OpenConversation(
+                pb::OpenConversation {
+                    direct_peer: peer.into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        send.write_all(&tern_protocol::frame::frame_bytes(&open, max).unwrap())
+            .await
+            .unwrap();
+        Self {
+            _endpoint: endpoint,
+            _conn: conn,
+            _control: control,
+            send,
+            recv,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, msg: pb::SendMessage) -> pb::SendAck {
+        let frame = pb::ClientFrame {
+            body: Some(pb::client_frame::Body::Send(msg)),
+        };
+        self.send
+            .write_all(&tern_protocol::frame::frame_bytes(&frame, 1 << 20).unwrap())
+            .await
+            .unwrap();
+        match read_server_frame(&mut self.recv, &mut self.buf).await.body {
+            Some(pb::server_frame::Body::SendAck(ack)) => ack,
+            other => panic!("expected a SendAck, got {other:?}"),
+        }
+    }
+}
+
+async fn read_server_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut bytes::BytesMut,
+) -> pb::ServerFrame {
+    loop {
+        if let Some(frame) = tern_protocol::decode_frame(buf, 1 << 20).unwrap() {
+            return frame;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(1 << 16, true))
+            .await
+            .expect("timed out reading a frame")
+            .unwrap()
+            .expect("stream ended");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+fn retry_scoped(id: &str, retry_after_inbox_seq: Option<u64>) -> pb::SendMessage {
+    pb::SendMessage {
+        client_message_id: id.into(),
+        text: id.into(),
+        id_scope: pb::IdScope::Retries as i32,
+        retry_after_inbox_seq,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn retry_scoped_ids_are_found_after_the_named_sequence_and_late_first_attempts_too() {
+    let server = TestServer::start().await;
+    let mut alice = RawConversation::open(&server, "alice", "bob").await;
+    let first = alice.send(retry_scoped("r-1", None)).await;
+    assert!(!first.duplicate);
+    // Other traffic in alice's inbox between the first attempt and its retry.
+    let (bob, _b) = server.connect("bob", "phone").await;
+    for i in 0..5 {
+        bob.send(SendTarget::User("alice".into()), &format!("b{i}"), None)
+            .await
+            .unwrap();
+    }
+    // A retry naming a sequence stored before the first attempt finds the original.
+    let retry = alice.send(retry_scoped("r-1", Some(0))).await;
+    assert!(retry.duplicate);
+    assert_eq!((retry.seq, retry.inbox_seq), (first.seq, first.inbox_seq));
+    let retry = alice
+        .send(retry_scoped("r-1", Some(first.inbox_seq - 1)))
+        .await;
+    assert!(retry.duplicate);
+    // The server looks only after the named sequence: a retry claiming the first attempt came
+    // later is stored anew. (This proves the lookup is the bounded scan, not an index.)
+    let later = alice.send(retry_scoped("r-1", Some(first.inbox_seq))).await;
+    assert!(!later.duplicate);
+    assert_ne!(later.seq, first.seq);
+    // Without a retry, a retry-scoped id is not looked up at all...
+    let fresh = alice.send(retry_scoped("r-2", None)).await;
+    let again = alice.send(retry_scoped("r-2", None)).await;
+    assert!(!fresh.duplicate && !again.duplicate);
+    // ...except against a retry stored as new: its first attempt may still arrive late, from
+    // a connection the phone has left, and is then answered as the retry's duplicate.
+    let retried = alice.send(retry_scoped("r-3", Some(again.inbox_seq))).await;
+    assert!(!retried.duplicate);
+    let late = alice.send(retry_scoped("r-3", None)).await;
+    assert!(late.duplicate);
+    assert_eq!(late.seq, retried.seq);
+    // The default scope keeps its index: found at any time, whatever the fields say.
+    let indexed = alice
+        .send(pb::SendMessage {
+            client_message_id: "app-1".into(),
+            ..Default::default()
+        })
+        .await;
+    let indexed_again = alice
+        .send(pb::SendMessage {
+            client_message_id: "app-1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(!indexed.duplicate && indexed_again.duplicate);
+    assert_eq!(indexed_again.seq, indexed.seq);
+    // What was stored: r-1 twice (the original and the "later" one), r-2 twice, r-3 once,
+    // app-1 once, and bob's five.
+    let history = bob.history(&first.conversation_id, 0, 50).await.unwrap();
+    let mut texts: Vec<String> = history.messages.iter().map(|m| m.text.clone()).collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        [
+            "", "b0", "b1", "b2", "b3", "b4", "r-1", "r-1", "r-2", "r-2", "r-3"
+        ]
+    );
+    server.stop().await;
+}

@@ -322,7 +322,7 @@ async fn fill_inboxes(server: &Server, users: &[String]) -> anyhow::Result<Sent>
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await;
             let mut hist = probe::histogram();
-            let ok = traffic::send_one(&flow, 0, &mut hist).await;
+            let ok = traffic::send_one(&flow, 0, false, &mut hist).await;
             (ok, hist)
         });
     }

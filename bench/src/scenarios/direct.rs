@@ -38,6 +38,7 @@ pub async fn pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Re
     let receivers = Receivers::spawn(events, None);
     let plan = Plan {
         rate: args.rate,
+        app_ids: args.app_ids,
         ..Plan::flat_out(common.duration_or(DEFAULT_SECS), args.in_flight)
     };
     let sent = traffic::send(&flows, plan).await;
@@ -60,6 +61,7 @@ fn describe(run: &PairsRun, scenario: &str, common: &Common, args: &DirectArgs) 
     json.insert("in_flight".into(), json!(args.in_flight));
     json.insert("size".into(), json!(args.size));
     json.insert("rate".into(), json!(args.rate));
+    json.insert("app_ids".into(), json!(args.app_ids));
     json.insert("send_errors".into(), json!(run.sent.errors));
     super::add_quantiles(&mut json, "ack", &run.sent.ack_latency);
     json.insert("server".into(), json!(run.placement));

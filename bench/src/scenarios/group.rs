@@ -147,6 +147,7 @@ async fn measure(common: &Common, args: &GroupArgs, kind: Kind) -> anyhow::Resul
             rate: Some(args.rate),
             in_flight: 4,
             limit: Some(args.messages),
+            app_ids: false,
         };
         let sent = traffic::send(std::slice::from_ref(&flow), plan).await;
         expected_so_far += sent.expected;

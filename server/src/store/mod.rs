@@ -9,6 +9,7 @@
 mod acks;
 mod cache;
 mod commit;
+mod dedup;
 mod groups;
 mod inbox;
 mod keys;
@@ -97,7 +98,8 @@ pub(crate) struct Keyspaces {
     /// user 0x00 last inbox_seq → [`inbox::InboxChunk`]: one group's entries for the user
     /// (messages by reference).
     pub inbox: Keyspace,
-    /// sender 0x00 client_message_id → seq (8 bytes) ‖ conversation.
+    /// sender 0x00 client_message_id → seq ‖ sender's inbox_seq (8 bytes each) ‖ conversation,
+    /// for `ID_SCOPE_ANY_TIME` sends ([`dedup`]).
     pub idem: Keyspace,
     /// user 0x00 device → delivered inbox cursor (u64).
     pub cursors: Keyspace,

@@ -16,11 +16,12 @@ use std::sync::mpsc::SyncSender;
 use fjall::{Database, OwnedWriteBatch as WriteBatch};
 use prost::Message as _;
 use serde::Deserialize;
-use tern_protocol::pb::{self, ConversationKind, MemberRole};
+use tern_protocol::pb::{self, ConversationKind, IdScope, MemberRole};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use super::acks::Remembered;
+use super::dedup;
 use super::keys::{self, pair_key, prefix, seq_key};
 use super::rate::StartBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
@@ -264,6 +265,7 @@ pub(super) fn spawn(
         convs: HashMap::new(),
         inbox_heads: HashMap::new(),
         remembered: Remembered::default(),
+        retries: dedup::RecentRetries::default(),
         starts,
         group: Group::default(),
         failed,
@@ -279,6 +281,25 @@ pub(super) fn spawn(
         .spawn(move || writer.run(rx))
         .map_err(io)?;
     Ok(WriterHandle { tx })
+}
+
+/// What inbox entries hold for a message: a reference, resolved from the log when read.
+fn reference_message(conversation: &str, seq: u64, sender: &str, device: &str) -> pb::Message {
+    pb::Message {
+        conversation_id: conversation.to_owned(),
+        seq,
+        sender: sender.to_owned(),
+        sender_device: device.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// The answer to a repeat of the send that had `outcome`.
+fn duplicate_of(outcome: &SendOutcome) -> SendOutcome {
+    SendOutcome {
+        duplicate: true,
+        ..outcome.clone()
+    }
 }
 
 /// A conversation as the writer caches it.
@@ -376,6 +397,8 @@ pub(super) struct Writer {
     pub inbox_heads: HashMap<Arc<str>, u64>,
     /// Per user, the received messages no device has acknowledged yet ([`super::acks`]).
     pub remembered: Remembered,
+    /// Retries stored as new, against a late first attempt ([`dedup`]).
+    pub retries: dedup::RecentRetries,
     /// Per user, how many conversations they may start now ([`super::rate`]).
     pub starts: StartBuckets,
     pub group: Group,
@@ -634,9 +657,10 @@ impl Writer {
                 "client_message_id is longer than 128 bytes".into(),
             ));
         }
-        if let Some(outcome) = self.find_duplicate(sender, &msg.client_message_id)? {
+        if let Some(outcome) = self.find_original(sender, &msg)? {
             return Ok(outcome);
         }
+        let scope = msg.id_scope();
         let conv_id = match &target {
             Target::Conversation(id) => id.clone(),
             Target::Direct(peer) => {
@@ -700,19 +724,24 @@ impl Writer {
             message.encode_to_vec(),
         );
         // Inboxes hold a reference (conversation, seq, sender); readers resolve it from the log.
-        let reference = pb::inbox_entry::Body::Message(pb::Message {
-            conversation_id: conv_id.clone(),
-            seq,
-            sender: sender.to_string(),
-            sender_device: device.to_string(),
-            ..Default::default()
-        });
+        let reference =
+            pb::inbox_entry::Body::Message(reference_message(&conv_id, seq, sender, device));
         // Delivery gets the message itself, shared by every member: pushers need not read
         // back what was just written.
         let delivered = Arc::new(pb::inbox_entry::Body::Message(message.clone()));
+        // The sender's own entry also keeps the client id: retries are looked up there.
+        let own_reference = pb::inbox_entry::Body::Message(pb::Message {
+            client_message_id: msg.client_message_id.clone(),
+            ..reference_message(&conv_id, seq, sender, device)
+        });
         let mut sender_inbox_seq = 0;
         for member in &members {
-            let inbox_seq = self.append_entry(member, &reference, delivered.clone())?;
+            let stored = if member == sender {
+                &own_reference
+            } else {
+                &reference
+            };
+            let inbox_seq = self.append_entry(member, stored, delivered.clone())?;
             if member == sender {
                 sender_inbox_seq = inbox_seq;
             } else {
@@ -731,14 +760,19 @@ impl Writer {
             sender_inbox_seq,
         };
         if !msg.client_message_id.is_empty() {
-            let mut value = seq.to_be_bytes().to_vec();
-            value.extend_from_slice(&sender_inbox_seq.to_be_bytes());
-            value.extend_from_slice(conv_id.as_bytes());
-            batch.insert(
-                &self.ks.idem,
-                pair_key(sender, &msg.client_message_id),
-                value,
-            );
+            match (scope, msg.retry_after_inbox_seq) {
+                (IdScope::AnyTime, _) => batch.insert(
+                    &self.ks.idem,
+                    pair_key(sender, &msg.client_message_id),
+                    dedup::index_record(seq, sender_inbox_seq, &conv_id),
+                ),
+                (IdScope::Retries, Some(_)) => self.retries.insert(
+                    sender.clone(),
+                    msg.client_message_id.clone(),
+                    duplicate_of(&outcome),
+                ),
+                (IdScope::Retries, None) => {}
+            }
             self.group
                 .idem
                 .insert((sender.clone(), msg.client_message_id), outcome.clone());
@@ -746,49 +780,33 @@ impl Writer {
         Ok(outcome)
     }
 
-    /// The original outcome of an earlier send with the same client message id.
-    fn find_duplicate(
-        &self,
+    /// The original of a repeated client message id, as far back as the send's scope asks
+    /// ([`dedup`]); this group's own sends are not on disk yet and are checked first.
+    fn find_original(
+        &mut self,
         sender: &Arc<str>,
-        client_message_id: &str,
+        msg: &pb::SendMessage,
     ) -> Result<Option<SendOutcome>, StoreError> {
-        if client_message_id.is_empty() {
+        let id = msg.client_message_id.as_str();
+        if id.is_empty() {
             return Ok(None);
         }
-        if let Some(outcome) = self
-            .group
-            .idem
-            .get(&(sender.clone(), client_message_id.to_owned()))
-        {
-            return Ok(Some(SendOutcome {
-                duplicate: true,
-                ..outcome.clone()
-            }));
+        if let Some(outcome) = self.group.idem.get(&(sender.clone(), id.to_owned())) {
+            return Ok(Some(duplicate_of(outcome)));
         }
-        let Some(value) = self.ks.idem.get(pair_key(sender, client_message_id))? else {
-            return Ok(None);
-        };
-        if value.len() < 16 {
-            return Err(StoreError::CorruptRecord("short idempotency record"));
+        match (msg.id_scope(), msg.retry_after_inbox_seq) {
+            (IdScope::AnyTime, _) => dedup::find_indexed(&self.ks.idem, &self.ks.log, sender, id),
+            (IdScope::Retries, Some(after)) => {
+                let head = self.inbox_head(sender)?;
+                match self.retries.get(sender, id) {
+                    Some(outcome) => Ok(Some(outcome)),
+                    None => {
+                        dedup::find_retried(&self.ks.inbox, &self.ks.log, sender, id, after, head)
+                    }
+                }
+            }
+            (IdScope::Retries, None) => Ok(self.retries.get(sender, id)),
         }
-        let seq = keys::u64_value(&value[..8]);
-        let sender_inbox_seq = keys::u64_value(&value[8..16]);
-        let conv = String::from_utf8_lossy(&value[16..]);
-        let stored = self
-            .ks
-            .log
-            .get(seq_key(&conv, seq))?
-            .ok_or_else(|| StoreError::NotFound(format!("message {conv}/{seq}")))?;
-        let stored = pb::Message::decode(&*stored)?;
-        Ok(Some(SendOutcome {
-            message: pb::Message {
-                text: String::new(),
-                payload: Vec::new(),
-                ..stored
-            },
-            duplicate: true,
-            sender_inbox_seq,
-        }))
     }
 
     fn create_direct(&mut self, id: &str, a: &Arc<str>, b: &str, batch: &mut WriteBatch) {
