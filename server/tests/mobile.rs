@@ -411,7 +411,7 @@ async fn background_devices_get_messages_but_no_presence_or_typing() {
 #[tokio::test]
 async fn sends_in_flight_when_the_connection_drops_are_stored_in_call_order() {
     let server = TestServer::start().await;
-    let (alice, mut alice_events) = server.connect("alice", "phone").await;
+    let (alice, _alice_events) = server.connect("alice", "phone").await;
     let (_bob, mut bob_events) = server.connect("bob", "phone").await;
     let alice = Arc::new(alice);
     // 300 sends of one conversation, all in flight at once, made in order.
@@ -435,6 +435,5 @@ async fn sends_in_flight_when_the_connection_drops_are_stored_in_call_order() {
     assert_once_in_order(&received);
     let texts: Vec<String> = received.into_iter().map(|(_, _, text)| text).collect();
     assert_eq!(texts, (0..300).map(|i| i.to_string()).collect::<Vec<_>>());
-    let _ = &mut alice_events;
     server.stop().await;
 }
