@@ -25,7 +25,9 @@ impl Writer {
     /// Drops what is durable from a cache that outgrew its bound. Called between groups.
     pub(super) fn trim_caches(&mut self) {
         let limit = self.limits.cache_entries;
-        self.starts.trim(limit, std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.starts.trim(limit, now);
+        self.scan_budgets.trim(limit, now);
         if self.inbox_heads.len() > limit {
             let before = self.inbox_heads.len();
             let published = &self.published.inbox;

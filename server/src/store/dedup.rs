@@ -10,6 +10,10 @@
 //!   random-key memtable insert and a point lookup for every message. Retries are rare, and
 //!   usually find the original among the last few entries.
 //!
+//! A retry reads at most [`RETRY_LOOKBACK`] entries, and each user's retries share a budget
+//! of entries read ([`ScanBudgets`]), so a client naming old sequences on every send cannot
+//! make the writer scan for it at everyone else's expense.
+//!
 //! One race is left for the scan: the first attempt can reach the writer *after* its retry,
 //! when it was still in flight on the old connection (a phone's packets delayed on Wi-Fi while
 //! it retries over cellular). The retry finds nothing and is stored; [`RecentRetries`] then
@@ -74,24 +78,113 @@ impl RecentRetries {
     }
 }
 
+/// Inbox entries one user's retries may read: a burst, then a steady rate. After a
+/// reconnect a client retries the sends it had in flight, each reading at most the entries
+/// since its first attempt (a few hundred for a burst of pipelined sends), far within the
+/// burst. A client that names old sequences on every send runs out; its retries then look
+/// back only as far as its budget allows, which shrinks its own duplicate detection and
+/// cannot take the writer from everyone else.
+const SCAN_BURST: f64 = 1_048_576.0;
+const SCAN_PER_SEC: f64 = 16_384.0;
+
+/// Per-user budgets of inbox entries read by retries.
+#[derive(Default)]
+pub(super) struct ScanBudgets {
+    users: HashMap<Arc<str>, Budget>,
+}
+
+struct Budget {
+    entries: f64,
+    at: Instant,
+}
+
+impl ScanBudgets {
+    /// `user`'s budget, refilled up to `now`.
+    fn refilled(&mut self, user: &Arc<str>, now: Instant) -> &mut Budget {
+        let budget = self.users.entry(user.clone()).or_insert(Budget {
+            entries: SCAN_BURST,
+            at: now,
+        });
+        let secs = now.saturating_duration_since(budget.at).as_secs_f64();
+        budget.entries = (budget.entries + secs * SCAN_PER_SEC).min(SCAN_BURST);
+        budget.at = now;
+        budget
+    }
+
+    /// Forgets budgets that have refilled (they equal a fresh one), once there are more than
+    /// `limit`.
+    pub fn trim(&mut self, limit: usize, now: Instant) {
+        if self.users.len() <= limit {
+            return;
+        }
+        self.users.retain(|_, b| {
+            b.entries + now.saturating_duration_since(b.at).as_secs_f64() * SCAN_PER_SEC
+                < SCAN_BURST
+        });
+    }
+}
+
 /// The original of a retry: the sender's inbox entry after `after` (and within the last
-/// [`RETRY_LOOKBACK`] up to `head`) that holds this `client_message_id`.
+/// [`RETRY_LOOKBACK`] up to `head`, and the sender's scan budget) that holds this
+/// `client_message_id`. Reads forward from `after` and stops at the match: the original of
+/// a retry is usually among the first entries after the sequence the retry names.
 pub(super) fn find_retried(
     ks_inbox: &Keyspace,
     ks_log: &Keyspace,
-    sender: &str,
+    budgets: &mut ScanBudgets,
+    sender: &Arc<str>,
     client_message_id: &str,
     after: u64,
     head: u64,
 ) -> Result<Option<SendOutcome>, StoreError> {
-    let after = after.max(head.saturating_sub(RETRY_LOOKBACK));
-    let entries = inbox::read(ks_inbox, sender, after, head, RETRY_LOOKBACK as usize)?;
-    for entry in entries.iter().rev() {
-        if let Some(pb::inbox_entry::Body::Message(m)) = &entry.body
-            && m.sender == sender
-            && m.client_message_id == client_message_id
-        {
-            return original(ks_log, &m.conversation_id, m.seq, entry.inbox_seq).map(Some);
+    let budget = budgets.refilled(sender, Instant::now());
+    // Whole entries only: a budget below one reads nothing.
+    let lookback = RETRY_LOOKBACK.min(budget.entries as u64);
+    let after = after.max(head.saturating_sub(lookback));
+    let mut read = 0u64;
+    let found = scan(ks_inbox, sender, client_message_id, after, head, &mut read);
+    budget.entries -= read as f64;
+    match found? {
+        Some((conversation, seq, inbox_seq)) => {
+            original(ks_log, &conversation, seq, inbox_seq).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+/// The (conversation, seq, inbox_seq) of `sender`'s own entry in `(after, head]` with this
+/// client message id; counts the entries it reads in `read`.
+fn scan(
+    ks_inbox: &Keyspace,
+    sender: &str,
+    client_message_id: &str,
+    after: u64,
+    head: u64,
+    read: &mut u64,
+) -> Result<Option<(String, u64, u64)>, StoreError> {
+    if head <= after {
+        return Ok(None);
+    }
+    let range = seq_key(sender, after.saturating_add(1))..=seq_key(sender, u64::MAX);
+    for guard in ks_inbox.range(range) {
+        let chunk = inbox::InboxChunk::decode(&*guard.value()?)?;
+        for entry in chunk.entries {
+            if entry.inbox_seq <= after {
+                continue;
+            }
+            if entry.inbox_seq > head {
+                return Ok(None);
+            }
+            *read += 1;
+            if let Some(pb::inbox_entry::Body::Message(m)) = entry.body
+                && m.sender == sender
+                && m.client_message_id == client_message_id
+            {
+                return Ok(Some((m.conversation_id, m.seq, entry.inbox_seq)));
+            }
+            if entry.inbox_seq == head {
+                return Ok(None);
+            }
         }
     }
     Ok(None)
@@ -145,4 +238,99 @@ fn original(
         duplicate: true,
         sender_inbox_seq,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use fjall::{Database, KeyspaceCreateOptions};
+
+    use super::*;
+
+    /// alice's inbox: entries 1..=n, each her own message `m<seq>` in one conversation,
+    /// two per chunk; and the log.
+    fn alice_inbox(db: &Database, n: u64) -> Result<(Keyspace, Keyspace), StoreError> {
+        let inbox_ks = db.keyspace("inbox", KeyspaceCreateOptions::default)?;
+        let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
+        let mut chunk = Vec::new();
+        for seq in 1..=n {
+            let message = pb::Message {
+                conversation_id: "d:alice:bob".into(),
+                seq,
+                sender: "alice".into(),
+                client_message_id: format!("m{seq}"),
+                ..Default::default()
+            };
+            log.insert(seq_key("d:alice:bob", seq), message.encode_to_vec())?;
+            chunk.push(pb::InboxEntry {
+                inbox_seq: seq,
+                body: Some(pb::inbox_entry::Body::Message(message)),
+            });
+            if chunk.len() == 2 || seq == n {
+                let (key, value) = inbox::chunk_record("alice", std::mem::take(&mut chunk))
+                    .ok_or(StoreError::Failed)?;
+                inbox_ks.insert(key, value)?;
+            }
+        }
+        Ok((inbox_ks, log))
+    }
+
+    #[test]
+    fn retries_find_their_original_after_the_named_sequence_within_the_budget()
+    -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Storage(fjall::Error::Io(e)))?;
+        let db = Database::builder(dir.path()).open()?;
+        let (inbox_ks, log) = alice_inbox(&db, 9)?;
+        let alice: Arc<str> = Arc::from("alice");
+        let mut budgets = ScanBudgets::default();
+        let find = |id: &str, after: u64, budgets: &mut ScanBudgets| {
+            find_retried(&inbox_ks, &log, budgets, &alice, id, after, 9)
+                .map(|found| found.map(|o| (o.message.seq, o.sender_inbox_seq, o.duplicate)))
+        };
+        assert_eq!(find("m5", 0, &mut budgets)?, Some((5, 5, true)));
+        assert_eq!(find("m5", 4, &mut budgets)?, Some((5, 5, true)));
+        assert_eq!(
+            find("m5", 5, &mut budgets)?,
+            None,
+            "only after the named sequence"
+        );
+        assert_eq!(find("m9", 8, &mut budgets)?, Some((9, 9, true)));
+        assert_eq!(find("nope", 0, &mut budgets)?, None);
+        // The scan stops at the match: finding m5 from 0 read 5 entries.
+        let before = budgets.refilled(&alice, Instant::now()).entries;
+        find("m5", 0, &mut budgets)?;
+        let after = budgets.refilled(&alice, Instant::now()).entries;
+        assert!((before - after - 5.0).abs() < 1.0, "{before} -> {after}");
+        // An exhausted budget looks back only as far as it has entries for.
+        budgets.refilled(&alice, Instant::now()).entries = 2.0;
+        assert_eq!(find("m5", 0, &mut budgets)?, None, "m5 is 4 entries back");
+        budgets.refilled(&alice, Instant::now()).entries = 2.0;
+        assert_eq!(find("m8", 0, &mut budgets)?, Some((8, 8, true)));
+        // Others keep theirs, and budgets come back with time.
+        let mut budget = Budget {
+            entries: 0.0,
+            at: Instant::now(),
+        };
+        budget.at -= Duration::from_secs(1);
+        budgets.users.insert(alice.clone(), budget);
+        assert!(budgets.refilled(&alice, Instant::now()).entries >= SCAN_PER_SEC);
+        Ok(())
+    }
+
+    #[test]
+    fn retries_stored_as_new_are_remembered_for_a_while() {
+        let alice: Arc<str> = Arc::from("alice");
+        let mut recent = RecentRetries::default();
+        assert!(recent.get(&alice, "r").is_none());
+        let outcome = SendOutcome {
+            message: pb::Message {
+                seq: 7,
+                ..Default::default()
+            },
+            duplicate: true,
+            sender_inbox_seq: 3,
+        };
+        recent.insert(alice.clone(), "r".into(), outcome);
+        assert_eq!(recent.get(&alice, "r").map(|o| o.message.seq), Some(7));
+        assert!(recent.get(&Arc::from("bob"), "r").is_none());
+    }
 }

@@ -266,6 +266,7 @@ pub(super) fn spawn(
         inbox_heads: HashMap::new(),
         remembered: Remembered::default(),
         retries: dedup::RecentRetries::default(),
+        scan_budgets: dedup::ScanBudgets::default(),
         starts,
         group: Group::default(),
         failed,
@@ -399,6 +400,8 @@ pub(super) struct Writer {
     pub remembered: Remembered,
     /// Retries stored as new, against a late first attempt ([`dedup`]).
     pub retries: dedup::RecentRetries,
+    /// Inbox entries each user's retries may still read ([`dedup`]).
+    pub scan_budgets: dedup::ScanBudgets,
     /// Per user, how many conversations they may start now ([`super::rate`]).
     pub starts: StartBuckets,
     pub group: Group,
@@ -800,9 +803,15 @@ impl Writer {
                 let head = self.inbox_head(sender)?;
                 match self.retries.get(sender, id) {
                     Some(outcome) => Ok(Some(outcome)),
-                    None => {
-                        dedup::find_retried(&self.ks.inbox, &self.ks.log, sender, id, after, head)
-                    }
+                    None => dedup::find_retried(
+                        &self.ks.inbox,
+                        &self.ks.log,
+                        &mut self.scan_budgets,
+                        sender,
+                        id,
+                        after,
+                        head,
+                    ),
                 }
             }
             (IdScope::Retries, None) => Ok(self.retries.get(sender, id)),
