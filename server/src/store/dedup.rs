@@ -316,6 +316,61 @@ mod tests {
         Ok(())
     }
 
+    struct Nobody;
+
+    impl crate::delivery::Delivery for Nobody {
+        fn inbox_appended(&self, _: &str, _: &[crate::delivery::NewEntry]) {}
+    }
+
+    /// A retry queued right behind its first attempt usually lands in the same group, before
+    /// the first attempt is on disk: it must still be found (among the group's own entries).
+    #[tokio::test]
+    async fn retries_queued_behind_their_first_attempt_are_duplicates() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let limits = super::super::StoreLimits {
+            max_message_bytes: 1024,
+            max_group_members: 10,
+            durability: super::super::Durability::Buffered,
+            cache_entries: 100,
+            conversation_starts_per_minute: 0,
+            conversation_starts_burst: 1,
+        };
+        let store = super::super::Store::open(dir.path(), limits, Arc::new(Nobody))?;
+        let writer = store.writer();
+        let (alice, phone): (Arc<str>, Arc<str>) = (Arc::from("alice"), Arc::from("phone"));
+        let send = |id: String, retry_after_inbox_seq: Option<u64>| {
+            let msg = pb::SendMessage {
+                client_message_id: id,
+                id_scope: pb::IdScope::Retries as i32,
+                retry_after_inbox_seq,
+                text: "hi".into(),
+                ..Default::default()
+            };
+            writer.send_pipelined(
+                alice.clone(),
+                phone.clone(),
+                crate::store::Target::Direct("bob".into()),
+                msg,
+            )
+        };
+        // alice's inbox holds only her own sends, so her cursor is the last one's sequence.
+        let mut cursor = 0;
+        const ROUNDS: u64 = 300;
+        for round in 0..ROUNDS {
+            let id = format!("id{round}");
+            let first = send(id.clone(), None).await?;
+            let retry = send(id, Some(cursor)).await?;
+            let (first, retry) = (first.await??, retry.await??);
+            assert!(!first.duplicate, "round {round}");
+            assert!(retry.duplicate, "round {round}: the retry was stored again");
+            assert_eq!(retry.message.seq, first.message.seq);
+            assert_eq!(retry.sender_inbox_seq, first.sender_inbox_seq);
+            cursor = first.sender_inbox_seq;
+        }
+        assert_eq!(cursor, ROUNDS, "one inbox entry per round");
+        Ok(())
+    }
+
     #[test]
     fn retries_stored_as_new_are_remembered_for_a_while() {
         let alice: Arc<str> = Arc::from("alice");

@@ -366,8 +366,10 @@ pub(super) struct Group {
     /// Entries appended to each user's inbox, in order, for delivery after the commit.
     pub appended: HashMap<Arc<str>, Vec<NewEntry>>,
     pub touched_convs: HashSet<Arc<str>>,
-    /// (sender, client message id) → outcome, for retries within one group.
-    pub idem: HashMap<(Arc<str>, String), SendOutcome>,
+    /// Sender → client message id → outcome of this group's `ID_SCOPE_ANY_TIME` sends, for
+    /// repeats within the group (the index on disk does not have them yet). Retry-scoped
+    /// sends are found among the sender's `appended` entries instead, and only by retries.
+    pub idem: HashMap<Arc<str>, HashMap<String, SendOutcome>>,
     /// Cursor and mark values written in this group (full key → value).
     pub u64s: HashMap<Vec<u8>, u64>,
     /// Each user's inbox entries of this group, as stored: one record per user at the end
@@ -588,7 +590,7 @@ impl Writer {
         user: &Arc<str>,
         body: &Arc<pb::inbox_entry::Body>,
     ) -> Result<u64, StoreError> {
-        self.append_entry(user, body, body.clone())
+        self.append_entry(user, (**body).clone(), body.clone())
     }
 
     /// Appends `stored` to `user`'s inbox (its chunk is written when the group ends), and hands `delivered` (the same entry as devices
@@ -596,13 +598,13 @@ impl Writer {
     fn append_entry(
         &mut self,
         user: &Arc<str>,
-        stored: &pb::inbox_entry::Body,
+        stored: pb::inbox_entry::Body,
         delivered: Arc<pb::inbox_entry::Body>,
     ) -> Result<u64, StoreError> {
         let seq = self.inbox_head(user)? + 1;
         let entry = pb::InboxEntry {
             inbox_seq: seq,
-            body: Some(stored.clone()),
+            body: Some(stored),
         };
         self.group
             .chunks
@@ -710,40 +712,43 @@ impl Writer {
         let conv_arc = conv.id.clone();
         self.group.touched_convs.insert(conv_arc.clone());
 
-        let message = pb::Message {
+        // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.
+        let header = pb::Message {
             message_id: tern_protocol::ids::message_id(&conv_id, seq),
             conversation_id: conv_id.clone(),
             seq,
             sender: sender.to_string(),
             sender_device: device.to_string(),
-            client_message_id: msg.client_message_id.clone(),
+            client_message_id: msg.client_message_id,
             sent_at_ms: crate::auth::unix_now_ms(),
+            text: String::new(),
+            payload: Vec::new(),
+        };
+        let message = pb::Message {
             text: msg.text,
             payload: msg.payload,
+            ..header.clone()
         };
         batch.insert(
             &self.ks.log,
             seq_key(&conv_id, seq),
             message.encode_to_vec(),
         );
-        // Inboxes hold a reference (conversation, seq, sender); readers resolve it from the log.
-        let reference =
-            pb::inbox_entry::Body::Message(reference_message(&conv_id, seq, sender, device));
         // Delivery gets the message itself, shared by every member: pushers need not read
         // back what was just written.
-        let delivered = Arc::new(pb::inbox_entry::Body::Message(message.clone()));
-        // The sender's own entry also keeps the client id: retries are looked up there.
-        let own_reference = pb::inbox_entry::Body::Message(pb::Message {
-            client_message_id: msg.client_message_id.clone(),
-            ..reference_message(&conv_id, seq, sender, device)
-        });
+        let delivered = Arc::new(pb::inbox_entry::Body::Message(message));
         let mut sender_inbox_seq = 0;
         for member in &members {
-            let stored = if member == sender {
-                &own_reference
-            } else {
-                &reference
-            };
+            // Inboxes hold a reference (conversation, seq, sender); readers resolve it from
+            // the log. The sender's own entry also keeps the client id: retries are looked up
+            // there.
+            let mut reference = reference_message(&conv_id, seq, sender, device);
+            if member == sender {
+                reference
+                    .client_message_id
+                    .clone_from(&header.client_message_id);
+            }
+            let stored = pb::inbox_entry::Body::Message(reference);
             let inbox_seq = self.append_entry(member, stored, delivered.clone())?;
             if member == sender {
                 sender_inbox_seq = inbox_seq;
@@ -752,33 +757,32 @@ impl Writer {
                     .push(member, inbox_seq, &conv_arc, seq, sender);
             }
         }
-        // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.
         let outcome = SendOutcome {
-            message: pb::Message {
-                text: String::new(),
-                payload: Vec::new(),
-                ..message
-            },
+            message: header,
             duplicate: false,
             sender_inbox_seq,
         };
-        if !msg.client_message_id.is_empty() {
+        let id = &outcome.message.client_message_id;
+        if !id.is_empty() {
             match (scope, msg.retry_after_inbox_seq) {
-                (IdScope::AnyTime, _) => batch.insert(
-                    &self.ks.idem,
-                    pair_key(sender, &msg.client_message_id),
-                    dedup::index_record(seq, sender_inbox_seq, &conv_id),
-                ),
-                (IdScope::Retries, Some(_)) => self.retries.insert(
-                    sender.clone(),
-                    msg.client_message_id.clone(),
-                    duplicate_of(&outcome),
-                ),
+                (IdScope::AnyTime, _) => {
+                    batch.insert(
+                        &self.ks.idem,
+                        pair_key(sender, id),
+                        dedup::index_record(seq, sender_inbox_seq, &conv_id),
+                    );
+                    self.group
+                        .idem
+                        .entry(sender.clone())
+                        .or_default()
+                        .insert(id.clone(), outcome.clone());
+                }
+                (IdScope::Retries, Some(_)) => {
+                    self.retries
+                        .insert(sender.clone(), id.clone(), duplicate_of(&outcome));
+                }
                 (IdScope::Retries, None) => {}
             }
-            self.group
-                .idem
-                .insert((sender.clone(), msg.client_message_id), outcome.clone());
         }
         Ok(outcome)
     }
@@ -794,12 +798,17 @@ impl Writer {
         if id.is_empty() {
             return Ok(None);
         }
-        if let Some(outcome) = self.group.idem.get(&(sender.clone(), id.to_owned())) {
-            return Ok(Some(duplicate_of(outcome)));
-        }
         match (msg.id_scope(), msg.retry_after_inbox_seq) {
-            (IdScope::AnyTime, _) => dedup::find_indexed(&self.ks.idem, &self.ks.log, sender, id),
+            (IdScope::AnyTime, _) => {
+                if let Some(outcome) = self.group.idem.get(sender).and_then(|ids| ids.get(id)) {
+                    return Ok(Some(duplicate_of(outcome)));
+                }
+                dedup::find_indexed(&self.ks.idem, &self.ks.log, sender, id)
+            }
             (IdScope::Retries, Some(after)) => {
+                if let Some(outcome) = self.find_in_group(sender, id) {
+                    return Ok(Some(outcome));
+                }
                 let head = self.inbox_head(sender)?;
                 match self.retries.get(sender, id) {
                     Some(outcome) => Ok(Some(outcome)),
@@ -816,6 +825,25 @@ impl Writer {
             }
             (IdScope::Retries, None) => Ok(self.retries.get(sender, id)),
         }
+    }
+
+    /// A send of `sender` with client id `id` earlier in this group (not on disk yet), as its
+    /// duplicate. Only retries look here, so the scan is rare.
+    fn find_in_group(&self, sender: &Arc<str>, id: &str) -> Option<SendOutcome> {
+        self.group.appended.get(sender)?.iter().find_map(|entry| {
+            let pb::inbox_entry::Body::Message(m) = &*entry.body else {
+                return None;
+            };
+            (m.client_message_id == id && *m.sender == **sender).then(|| SendOutcome {
+                message: pb::Message {
+                    text: String::new(),
+                    payload: Vec::new(),
+                    ..m.clone()
+                },
+                duplicate: true,
+                sender_inbox_seq: entry.inbox_seq,
+            })
+        })
     }
 
     fn create_direct(&mut self, id: &str, a: &Arc<str>, b: &str, batch: &mut WriteBatch) {
