@@ -130,6 +130,11 @@ pub struct DirectArgs {
     /// app's own ids); by default the client library makes the ids, as for most sends.
     #[arg(long)]
     pub app_ids: bool,
+    /// `direct` only: run the relay-baseline and tern this many times each, alternating (ABBA
+    /// order, so a machine that drifts faster or slower favours neither), and report the
+    /// round with the median ratio. On a shared machine one pair of runs can be off by a third.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub rounds: u32,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -43,6 +43,36 @@ async fn direct_with_its_baseline() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn direct_in_rounds_reports_the_median_round_and_every_round() {
+    let json = run(&[
+        "direct",
+        "--duration",
+        "0.5",
+        "--clients",
+        "2",
+        "--rounds",
+        "3",
+    ])
+    .await;
+    assert_eq!(json["rounds"], 3);
+    let ratios: Vec<f64> = json["round_ratios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    assert_eq!(ratios.len(), 3);
+    assert_eq!(json["round_msgs_per_s"].as_array().unwrap().len(), 3);
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(
+        json["ratio_to_baseline"].as_f64().unwrap(),
+        sorted[1],
+        "{json:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn no_baseline_skips_it() {
     let argv = [
         "tern-bench",

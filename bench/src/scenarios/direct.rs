@@ -80,18 +80,72 @@ pub async fn run_baseline(common: &Common, args: &DirectArgs) -> anyhow::Result<
 }
 
 pub async fn run(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> {
-    let baseline = if common.no_baseline {
-        None
-    } else {
-        Some(pairs(common, args, Kind::Forwarder).await?)
-    };
-    let direct = pairs(common, args, Kind::Tern).await?;
-    let mut outcome = describe(&direct, "direct", common, args);
-    if let Some(base) = baseline {
-        super::add_baseline(&mut outcome.json, &direct.summary, &base.summary);
-        if let Some(Plot::Latency { series, .. }) = outcome.plots.first_mut() {
-            series.push(("relay-baseline".into(), base.summary.latency.clone()));
-        }
+    if common.no_baseline {
+        let direct = pairs(common, args, Kind::Tern).await?;
+        return Ok(describe(&direct, "direct", common, args));
     }
-    Ok(outcome)
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        // ABBA: baseline first in rounds 0, 3, 4, 7, …; tern first in the others.
+        let baseline_first = matches!(round % 4, 0 | 3);
+        let (base, tern) = if baseline_first {
+            let base = pairs(common, args, Kind::Forwarder).await?;
+            (base, pairs(common, args, Kind::Tern).await?)
+        } else {
+            let tern = pairs(common, args, Kind::Tern).await?;
+            (pairs(common, args, Kind::Forwarder).await?, tern)
+        };
+        rounds.push((base, tern));
+    }
+    Ok(with_baseline(rounds, common, args))
+}
+
+/// The round with the median ratio, described in full, plus every round's figures. Lost,
+/// duplicated and out-of-order counts are summed over all rounds, so none hides in another.
+fn with_baseline(
+    mut rounds: Vec<(PairsRun, PairsRun)>,
+    common: &Common,
+    args: &DirectArgs,
+) -> Outcome {
+    let ratio_of = |(base, tern): &(PairsRun, PairsRun)| {
+        tern.summary.msgs_per_s / base.summary.msgs_per_s.max(f64::MIN_POSITIVE)
+    };
+    let figures: Vec<(f64, f64, f64)> = rounds
+        .iter()
+        .map(|r| (ratio_of(r), r.1.summary.msgs_per_s, r.0.summary.msgs_per_s))
+        .collect();
+    let sum = |f: fn(&(PairsRun, PairsRun)) -> u64| rounds.iter().map(f).sum::<u64>();
+    let totals = [
+        ("lost", sum(|r| r.1.summary.lost)),
+        ("duplicated", sum(|r| r.1.summary.duplicated)),
+        ("out_of_order", sum(|r| r.1.summary.out_of_order)),
+        ("baseline_lost", sum(|r| r.0.summary.lost)),
+        ("baseline_duplicated", sum(|r| r.0.summary.duplicated)),
+    ];
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| figures[a].0.total_cmp(&figures[b].0));
+    let median = order[(order.len() - 1) / 2];
+    let (base, direct) = rounds.swap_remove(median);
+    let mut outcome = describe(&direct, "direct", common, args);
+    super::add_baseline(&mut outcome.json, &direct.summary, &base.summary);
+    if args.rounds > 1 {
+        let json = &mut outcome.json;
+        for (key, total) in totals {
+            json.insert(key.into(), json!(total));
+        }
+        json.insert("rounds".into(), json!(args.rounds));
+        let column = |i: usize| -> Vec<f64> {
+            figures
+                .iter()
+                .map(|f| crate::output::round([f.0, f.1, f.2][i]))
+                .collect()
+        };
+        json.insert("round_ratios".into(), json!(column(0)));
+        json.insert("round_msgs_per_s".into(), json!(column(1)));
+        json.insert("round_baseline_msgs_per_s".into(), json!(column(2)));
+    }
+    if let Some(Plot::Latency { series, .. }) = outcome.plots.first_mut() {
+        series.push(("relay-baseline".into(), base.summary.latency.clone()));
+    }
+    outcome
 }
