@@ -26,6 +26,8 @@ fn open(dir: &std::path::Path) -> Arc<Store> {
         cache_entries: 100_000,
         conversation_starts_per_minute: 0,
         conversation_starts_burst: 1,
+        member_additions_per_minute: 0,
+        member_additions_burst: 1,
     };
     Store::open(dir, limits, Arc::new(Nobody)).unwrap()
 }

@@ -47,6 +47,8 @@ async fn main() {
         cache_entries: 100_000,
         conversation_starts_per_minute: 0,
         conversation_starts_burst: 1,
+        member_additions_per_minute: 0,
+        member_additions_burst: 1,
     };
     let store = Store::open(dir.path(), limits, Arc::new(Nobody)).unwrap();
     let writer = store.writer().clone();

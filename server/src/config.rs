@@ -89,6 +89,14 @@ pub struct Config {
     /// starts many at once, hence the burst) and caps a runaway client at 43,000 a day.
     pub conversation_starts_per_minute: u32,
     pub conversation_starts_burst: u32,
+    /// Members one user may add to groups per minute (creating a group adds every member but
+    /// the creator), after a burst of `member_additions_burst`; 0 turns the limit off. Each
+    /// member is stored (membership, the member's conversation list, an event in every
+    /// member's inbox), so without a limit a client starting groups at the allowed rate could
+    /// store `max_group_members` made-up members with each. The burst fills one group of the
+    /// default maximum size at once; 1,000 a minute then is an admin adding people all day.
+    pub member_additions_per_minute: u32,
+    pub member_additions_burst: u32,
 }
 
 impl Default for Config {
@@ -116,6 +124,8 @@ impl Default for Config {
             store_cache_entries: 100_000,
             conversation_starts_per_minute: 30,
             conversation_starts_burst: 200,
+            member_additions_per_minute: 1_000,
+            member_additions_burst: 10_000,
         }
     }
 }

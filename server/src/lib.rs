@@ -75,6 +75,8 @@ impl ServerState {
             cache_entries: config.store_cache_entries,
             conversation_starts_per_minute: config.conversation_starts_per_minute,
             conversation_starts_burst: config.conversation_starts_burst,
+            member_additions_per_minute: config.member_additions_per_minute,
+            member_additions_burst: config.member_additions_burst,
         };
         let delivery = Arc::new(delivery::LocalDelivery::new(registry.clone()));
         let store = store::Store::open(&config.data_dir.join("store"), limits, delivery)?;

@@ -837,6 +837,49 @@ async fn starting_conversations_is_rate_limited_per_user_with_a_typed_wait() {
 }
 
 #[tokio::test]
+async fn adding_group_members_is_rate_limited_per_user_with_a_typed_wait() {
+    // Five additions at once, then one a second; group starts are not the limit here.
+    let server = TestServer::start_with(|c| {
+        c.member_additions_burst = 5;
+        c.member_additions_per_minute = 60;
+    })
+    .await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let names = |r: std::ops::Range<u32>| r.map(|i| format!("m{i}")).collect::<Vec<_>>();
+    // Creating a group adds all but its creator: 3 of the 5.
+    let group = alice.create_group("crew", &names(0..3)).await.unwrap();
+    let id = group.conversation_id.clone();
+    match alice.add_members(&id, &names(3..6)).await {
+        Err(ClientError::Server {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        }) => assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}"),
+        other => panic!("expected RATE_LIMITED, got {other:?}"),
+    }
+    // The refused addition changed nothing, and a group needing more than is left is
+    // refused too, without starting.
+    let members = alice.conversation(&id).await.unwrap().member_count;
+    assert_eq!(members, 4);
+    let refused = alice.create_group("big", &names(10..13)).await.map(drop);
+    assert_eq!(code_of(refused), ErrorCode::RateLimited);
+    // Members already in the group cost nothing; the two left add two.
+    let grown = alice.add_members(&id, &names(1..5)).await.unwrap();
+    assert_eq!(grown.member_count, 6);
+    // More than the burst at once can never be allowed.
+    let too_many = alice.add_members(&id, &names(20..26)).await.map(drop);
+    assert_eq!(code_of(too_many), ErrorCode::LimitExceeded);
+    // Others are not limited.
+    let (bob, _b) = server.connect("bob", "phone").await;
+    bob.create_group("other", &names(0..5)).await.unwrap();
+    // A second later one addition is allowed again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = alice.add_members(&id, &names(6..7)).await.unwrap();
+    assert_eq!(later.member_count, 7);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_burst_of_pipelined_sends_gets_every_answer_in_step() {
     // More sends in flight on one stream than the server writes answers at once (64): each
     // must get its own answer, none lost or shifted to the next send.

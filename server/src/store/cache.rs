@@ -27,6 +27,7 @@ impl Writer {
         let limit = self.limits.cache_entries;
         let now = std::time::Instant::now();
         self.starts.trim(limit, now);
+        self.additions.trim(limit, now);
         self.scan_budgets.trim(limit, now);
         if self.inbox_heads.len() > limit {
             let before = self.inbox_heads.len();

@@ -334,6 +334,8 @@ mod tests {
             cache_entries: 100,
             conversation_starts_per_minute: 0,
             conversation_starts_burst: 1,
+            member_additions_per_minute: 0,
+            member_additions_burst: 1,
         };
         let store = super::super::Store::open(dir.path(), limits, Arc::new(Nobody))?;
         let writer = store.writer();

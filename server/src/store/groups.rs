@@ -48,6 +48,9 @@ impl Writer {
                         "a group has at most {max_members} members"
                     )));
                 }
+                self.additions
+                    .take_n(actor, new.len(), std::time::Instant::now())?;
+                let conv = self.group_for(&conversation, actor, MemberRole::Admin)?;
                 for user in &new {
                     conv.members.insert(user.clone(), MemberRole::Member);
                 }
@@ -160,7 +163,12 @@ impl Writer {
                 self.limits.max_group_members
             )));
         }
-        self.starts.take(owner, std::time::Instant::now())?;
+        let now = std::time::Instant::now();
+        self.starts.take(owner, now)?;
+        if let Err(e) = self.additions.take_n(owner, all.len() - 1, now) {
+            self.starts.give_back(owner, 1);
+            return Err(e);
+        }
         let mut raw = [0u8; 8];
         rand::rng().fill_bytes(&mut raw);
         let id: Arc<str> = Arc::from(format!(

@@ -156,6 +156,10 @@ pub struct StoreLimits {
     /// limit.
     pub conversation_starts_per_minute: u32,
     pub conversation_starts_burst: u32,
+    /// Members a user may add to groups per minute (creating a group adds all but its
+    /// owner), and at once; 0 per minute: no limit.
+    pub member_additions_per_minute: u32,
+    pub member_additions_burst: u32,
 }
 
 impl Store {

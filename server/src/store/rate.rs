@@ -1,10 +1,11 @@
-//! How fast each user may start conversations.
+//! How fast each user may start conversations and add group members.
 //!
-//! Every conversation is stored for good and cached while in use, so an unlimited rate would
-//! let one client fill disk and memory by messaging made-up users or creating groups. Each
-//! user has a token bucket: `conversation_starts_burst` at once, refilled at
-//! `conversation_starts_per_minute`. A start past it fails with `RATE_LIMITED` and the time
-//! until a token is back, writing nothing; sends in existing conversations are not limited.
+//! Every conversation, and every member of a group, is stored for good and cached while in
+//! use, so an unlimited rate would let one client fill disk and memory by messaging made-up
+//! users, creating groups, or adding made-up members to its groups. Each user has a token
+//! bucket per kind: a burst at once, refilled at a rate per minute. An operation past it fails
+//! with `RATE_LIMITED` and the time until enough tokens are back, writing nothing; sends in
+//! existing conversations are not limited.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,9 +13,11 @@ use std::time::Instant;
 
 use super::StoreError;
 
-/// Per-user buckets of conversation starts.
+/// Per-user token buckets of one kind of operation.
 #[derive(Debug)]
-pub(super) struct StartBuckets {
+pub(super) struct TokenBuckets {
+    /// What a token is, for errors ("conversation starts").
+    what: &'static str,
     per_minute: u32,
     burst: u32,
     users: HashMap<Arc<str>, Bucket>,
@@ -26,10 +29,11 @@ struct Bucket {
     at: Instant,
 }
 
-impl StartBuckets {
+impl TokenBuckets {
     /// `per_minute` 0 means no limit.
-    pub fn new(per_minute: u32, burst: u32) -> Self {
+    pub fn new(what: &'static str, per_minute: u32, burst: u32) -> Self {
         Self {
+            what,
             per_minute,
             burst: burst.max(1),
             users: HashMap::new(),
@@ -41,12 +45,24 @@ impl StartBuckets {
         f64::from(self.per_minute) / 60_000.0
     }
 
-    /// Takes one start for `user` at `now`, or says how long until one is available.
+    /// Takes one token for `user` at `now`, or says how long until one is available.
     pub fn take(&mut self, user: &Arc<str>, now: Instant) -> Result<(), StoreError> {
-        if self.per_minute == 0 {
+        self.take_n(user, 1, now)
+    }
+
+    /// Takes `n` tokens for `user` at `now`, or takes none and says how long until `n` are
+    /// available (`LIMIT_EXCEEDED` if `n` is more than the burst: never).
+    pub fn take_n(&mut self, user: &Arc<str>, n: usize, now: Instant) -> Result<(), StoreError> {
+        if self.per_minute == 0 || n == 0 {
             return Ok(());
         }
-        let (rate, burst) = (self.rate(), f64::from(self.burst));
+        if n > self.burst as usize {
+            return Err(StoreError::LimitExceeded(format!(
+                "at most {} {} at once",
+                self.burst, self.what
+            )));
+        }
+        let (rate, burst, need) = (self.rate(), f64::from(self.burst), n as f64);
         let bucket = self.users.entry(user.clone()).or_insert(Bucket {
             tokens: burst,
             at: now,
@@ -54,20 +70,28 @@ impl StartBuckets {
         let elapsed_ms = now.saturating_duration_since(bucket.at).as_secs_f64() * 1000.0;
         bucket.tokens = (bucket.tokens + elapsed_ms * rate).min(burst);
         bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= need {
+            bucket.tokens -= need;
             return Ok(());
         }
-        let wait_ms = ((1.0 - bucket.tokens) / rate).ceil();
+        let wait_ms = ((need - bucket.tokens) / rate).ceil();
         Err(StoreError::RateLimited {
-            what: "conversation starts",
+            what: self.what,
             // At least 1 ms, and a u64 for any configured rate above zero.
             retry_after_ms: (wait_ms as u64).max(1),
         })
     }
 
+    /// Returns `n` tokens taken for an operation that then failed for another reason.
+    pub fn give_back(&mut self, user: &str, n: usize) {
+        let burst = f64::from(self.burst);
+        if let Some(bucket) = self.users.get_mut(user) {
+            bucket.tokens = (bucket.tokens + n as f64).min(burst);
+        }
+    }
+
     /// Forgets buckets that have refilled (they equal a fresh one), once there are more than
-    /// `limit`: only users who started conversations recently stay.
+    /// `limit`: only users who used some recently stay.
     pub fn trim(&mut self, limit: usize, now: Instant) {
         if self.users.len() <= limit {
             return;
@@ -91,7 +115,7 @@ mod tests {
         let alice: Arc<str> = Arc::from("alice");
         let bob: Arc<str> = Arc::from("bob");
         let t0 = Instant::now();
-        let mut buckets = StartBuckets::new(60, 3);
+        let mut buckets = TokenBuckets::new("starts", 60, 3);
         for _ in 0..3 {
             assert!(buckets.take(&alice, t0).is_ok());
         }
@@ -121,10 +145,34 @@ mod tests {
     #[test]
     fn zero_per_minute_is_unlimited() {
         let alice: Arc<str> = Arc::from("alice");
-        let mut buckets = StartBuckets::new(0, 1);
+        let mut buckets = TokenBuckets::new("starts", 0, 1);
         let now = Instant::now();
         for _ in 0..1000 {
             assert!(buckets.take(&alice, now).is_ok());
         }
+    }
+
+    #[test]
+    fn several_tokens_at_once_all_or_none() {
+        let alice: Arc<str> = Arc::from("alice");
+        let t0 = Instant::now();
+        let mut buckets = TokenBuckets::new("member additions", 60, 10);
+        assert!(buckets.take_n(&alice, 7, t0).is_ok());
+        // 3 left: 5 more wait 2 s, and take nothing meanwhile.
+        match buckets.take_n(&alice, 5, t0) {
+            Err(StoreError::RateLimited { retry_after_ms, .. }) => {
+                assert_eq!(retry_after_ms, 2000);
+            }
+            other => panic!("expected RateLimited, got {other:?}"),
+        }
+        assert!(buckets.take_n(&alice, 3, t0).is_ok());
+        buckets.give_back(&alice, 2);
+        assert!(buckets.take_n(&alice, 2, t0).is_ok());
+        assert!(buckets.take(&alice, t0).is_err());
+        // More than the burst can never be had at once.
+        assert!(matches!(
+            buckets.take_n(&alice, 11, t0 + Duration::from_secs(60)),
+            Err(StoreError::LimitExceeded(_))
+        ));
     }
 }

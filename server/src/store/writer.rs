@@ -23,7 +23,7 @@ use tracing::error;
 use super::acks::Remembered;
 use super::dedup;
 use super::keys::{self, pair_key, prefix, seq_key};
-use super::rate::StartBuckets;
+use super::rate::TokenBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
 
@@ -253,9 +253,15 @@ pub(super) fn spawn(
         failed: failed.clone(),
         finisher: commit::Finisher::new(published.clone(), delivery),
     };
-    let starts = StartBuckets::new(
+    let starts = TokenBuckets::new(
+        "conversation starts",
         limits.conversation_starts_per_minute,
         limits.conversation_starts_burst,
+    );
+    let additions = TokenBuckets::new(
+        "member additions",
+        limits.member_additions_per_minute,
+        limits.member_additions_burst,
     );
     let writer = Writer {
         db,
@@ -268,6 +274,7 @@ pub(super) fn spawn(
         retries: dedup::RecentRetries::default(),
         scan_budgets: dedup::ScanBudgets::default(),
         starts,
+        additions,
         group: Group::default(),
         failed,
         handoff,
@@ -405,7 +412,9 @@ pub(super) struct Writer {
     /// Inbox entries each user's retries may still read ([`dedup`]).
     pub scan_budgets: dedup::ScanBudgets,
     /// Per user, how many conversations they may start now ([`super::rate`]).
-    pub starts: StartBuckets,
+    pub starts: TokenBuckets,
+    /// Per user, how many members they may add to groups now ([`super::rate`]).
+    pub additions: TokenBuckets,
     pub group: Group,
     /// A commit or fsync failed: every later command is refused.
     pub failed: Arc<AtomicBool>,
