@@ -95,14 +95,45 @@ impl PresenceBook {
     }
 }
 
-/// Users who share a conversation with `user`.
-pub fn contacts(state: &ServerState, user: &str) -> BTreeSet<String> {
+/// Users whose contacts were read, at most; past it the cache starts over (it holds the
+/// users whose presence changed lately, and those are re-read on their next change).
+const CONTACTS_CACHED: usize = 100_000;
+
+/// Each user's contacts as last read from the store, with the store's counter for them
+/// then ([`crate::store::Store::contacts_epoch`]): a presence change reads the store only
+/// when the user's memberships changed since.
+#[derive(Debug, Default)]
+pub struct ContactsCache {
+    users: DashMap<Arc<str>, (u64, Arc<[String]>)>,
+}
+
+/// Users who share a conversation with `user`, in id order.
+pub fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
+    // Taken before reading: a membership change committed during the read moves it after.
+    let epoch = state.store.contacts_epoch(user);
+    let cached = state
+        .contacts
+        .users
+        .get(user)
+        .filter(|entry| entry.0 == epoch)
+        .map(|entry| entry.1.clone());
+    if let Some(contacts) = cached {
+        return contacts;
+    }
     let mut contacts = BTreeSet::new();
     for conversation in state.store.conversations_of(user).unwrap_or_default() {
         if let Ok(members) = state.store.members(&conversation) {
             contacts.extend(members.into_iter().map(|m| m.user_id).filter(|m| m != user));
         }
     }
+    let contacts: Arc<[String]> = contacts.into_iter().collect();
+    if state.contacts.users.len() >= CONTACTS_CACHED {
+        state.contacts.users.clear();
+    }
+    state
+        .contacts
+        .users
+        .insert(Arc::from(user), (epoch, contacts.clone()));
     contacts
 }
 
@@ -128,8 +159,8 @@ fn publish_presence(state: &ServerState, user: &Arc<str>, republish: bool) {
         let datagram = pb::Datagram {
             body: Some(datagram::Body::Presence(presence)),
         };
-        for contact in contacts(state, user) {
-            for session in state.registry.sessions_of(&contact) {
+        for contact in contacts(state, user).iter() {
+            for session in state.registry.sessions_of(contact) {
                 if !session.is_background() {
                     send(state, &session.conn, &datagram);
                 }
@@ -225,7 +256,10 @@ pub async fn datagram_loop(state: Arc<ServerState>, session: Arc<Session>) {
                         status
                     };
                     session.set_presence(status);
-                    refresh_presence(&state, &session.user);
+                    // A device repeats its presence until it sees it took: an unchanged
+                    // one is fanned out again (at most once per REPUBLISH_INTERVAL), so a
+                    // fan-out datagram lost on the way to a contact is repaired.
+                    publish_presence(&state, &session.user, true);
                 }
                 _ => {
                     stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);

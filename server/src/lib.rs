@@ -40,6 +40,7 @@ pub struct ServerState {
     pub registry: Arc<registry::Registry>,
     pub store: Arc<store::Store>,
     pub presence: datagrams::PresenceBook,
+    pub contacts: datagrams::ContactsCache,
     pub datagram_stats: datagrams::DatagramStats,
     pub(crate) next_session_id: AtomicU64,
 }
@@ -86,6 +87,7 @@ impl ServerState {
             registry,
             store,
             presence: datagrams::PresenceBook::default(),
+            contacts: datagrams::ContactsCache::default(),
             datagram_stats: datagrams::DatagramStats::default(),
             next_session_id: AtomicU64::new(1),
         }))

@@ -362,6 +362,109 @@ async fn five_percent_loss_each_way_loses_nothing_and_presence_recovers() {
 }
 
 #[tokio::test]
+async fn a_lost_presence_is_repaired_by_the_next_republish() {
+    let server = TestServer::start().await;
+    let relay = Relay::start(RelayConfig::new(server.addr)).await.unwrap();
+    let (alice, _a) = server.connect("alice", "phone").await;
+    alice
+        .send(SendTarget::User("bob".into()), "hi", None)
+        .await
+        .unwrap();
+    let (_bob, mut bob_events) = Client::connect(via_relay(&server, &relay, "bob", "phone"))
+        .await
+        .unwrap();
+    wait_for(
+        &mut bob_events,
+        10,
+        presence_of("alice", PresenceStatus::Online),
+    )
+    .await;
+    // The fan-out of alice's change to bob is lost.
+    relay.set_blackhole(true);
+    alice.set_presence(PresenceStatus::Away).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.state.presence.get("alice").status != PresenceStatus::Away as i32 {
+        assert!(Instant::now() < deadline, "the server never saw alice away");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.set_blackhole(false);
+    // alice's device repeats it, unchanged, as it does until it sees it took.
+    let republish = async {
+        loop {
+            alice.set_presence(PresenceStatus::Away).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for(&mut bob_events, 10, presence_of("alice", PresenceStatus::Away)) => {}
+        () = republish => unreachable!(),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_follows_contacts_as_memberships_change() {
+    // The server keeps each user's contacts between presence changes: it must notice when a
+    // group adds or removes someone.
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let (_carol, mut carol_events) = server.connect("carol", "phone").await;
+    let (_dave, mut dave_events) = server.connect("dave", "phone").await;
+    // A change while alice has no contacts: the server reads (and keeps) an empty list.
+    alice.set_presence(PresenceStatus::Away).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.state.presence.get("alice").status != PresenceStatus::Away as i32 {
+        assert!(Instant::now() < deadline, "the server never saw alice away");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let group = alice
+        .create_group("g", &["carol".to_string(), "dave".to_string()])
+        .await
+        .unwrap();
+    alice.set_presence(PresenceStatus::Online).await.unwrap();
+    wait_for(
+        &mut carol_events,
+        10,
+        presence_of("alice", PresenceStatus::Online),
+    )
+    .await;
+    wait_for(
+        &mut dave_events,
+        10,
+        presence_of("alice", PresenceStatus::Online),
+    )
+    .await;
+    // Removed from the group, carol is no longer a contact: dave hears of the next change,
+    // carol does not.
+    alice
+        .remove_member(&group.conversation_id, "carol")
+        .await
+        .unwrap();
+    alice.set_presence(PresenceStatus::Away).await.unwrap();
+    wait_for(
+        &mut dave_events,
+        10,
+        presence_of("alice", PresenceStatus::Away),
+    )
+    .await;
+    let late = tokio::time::timeout(
+        Duration::from_millis(500),
+        wait_for(
+            &mut carol_events,
+            5,
+            presence_of("alice", PresenceStatus::Away),
+        ),
+    )
+    .await;
+    assert!(
+        late.is_err(),
+        "carol got alice's presence after leaving the group"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn background_devices_get_messages_but_no_presence_or_typing() {
     let server = TestServer::start().await;
     let (alice, _a) = server.connect("alice", "phone").await;

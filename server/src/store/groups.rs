@@ -55,6 +55,7 @@ impl Writer {
                     conv.members.insert(user.clone(), MemberRole::Member);
                 }
                 let id = conv.id.clone();
+                self.contacts_changed(&id);
                 for user in &new {
                     batch.insert(
                         &self.ks.members,
@@ -203,6 +204,7 @@ impl Writer {
         self.published.conv.insert(id.clone(), 0);
         self.group.touched_convs.insert(id.clone());
         self.convs.insert(id.clone(), conv);
+        self.contacts_changed(&id);
         self.announce(&id, EventKind::Created, owner, "", &[])?;
         self.snapshot(&id)
     }
@@ -247,6 +249,7 @@ impl Writer {
         // The leaving member hears of it too, then nothing more.
         let leaving: Arc<str> = Arc::from(user);
         self.announce(id, kind, actor, user, std::slice::from_ref(&leaving))?;
+        self.contacts_changed(id);
         if let Some(conv) = self.convs.get_mut(id) {
             conv.members.remove(user);
         }

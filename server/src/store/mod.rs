@@ -9,6 +9,7 @@
 mod acks;
 mod cache;
 mod commit;
+mod contacts;
 mod dedup;
 mod groups;
 mod inbox;
@@ -118,6 +119,8 @@ pub(crate) struct Published {
     pub commands: std::sync::atomic::AtomicU64,
     /// Users and conversations dropped from the writer's caches ([`cache`]).
     pub evicted: std::sync::atomic::AtomicU64,
+    /// When each user's contacts last changed ([`contacts`]).
+    pub contacts: contacts::ContactEpochs,
 }
 
 /// Handle to the store, shared by every session.
@@ -205,6 +208,13 @@ impl Store {
         self.published
             .evicted
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A counter that moves whenever `user`'s contacts (those sharing a conversation with
+    /// them) may have changed: read it before reading them, and what was read stays true
+    /// while it does not move.
+    pub fn contacts_epoch(&self, user: &str) -> u64 {
+        self.published.contacts.get(user)
     }
 
     /// The writer, for operations that change state.

@@ -383,6 +383,8 @@ pub(super) struct Group {
     /// ([`super::inbox`]).
     pub chunks: HashMap<Arc<str>, Vec<pb::InboxEntry>>,
     pub replies: Vec<DeferredReply>,
+    /// Users whose contacts may have changed in this group ([`super::contacts`]).
+    pub contacts_changed: Vec<Arc<str>>,
 }
 
 impl Group {
@@ -395,6 +397,7 @@ impl Group {
         self.u64s.clear();
         self.chunks.clear();
         self.replies.clear();
+        self.contacts_changed.clear();
     }
 }
 
@@ -450,7 +453,14 @@ impl Writer {
             }
             let wrote = !batch.is_empty();
             let group = &mut self.group;
-            let handoff = match batch.commit() {
+            let committed = batch.commit();
+            if committed.is_ok() {
+                // Readers of memberships see the change from now on.
+                for user in group.contacts_changed.drain(..) {
+                    self.published.contacts.bump(&user);
+                }
+            }
+            let handoff = match committed {
                 Ok(()) => Ok(commit::Committed {
                     convs: group
                         .touched_convs
@@ -883,6 +893,17 @@ impl Writer {
         }
         self.published.conv.insert(id.clone(), 0);
         self.group.touched_convs.insert(id.clone());
-        self.convs.insert(id, conv);
+        self.convs.insert(id.clone(), conv);
+        self.contacts_changed(&id);
+    }
+
+    /// Every member of `id` may have gained or lost contacts: their counters move once the
+    /// group commits ([`super::contacts`]). Called after members join, before they leave.
+    pub(super) fn contacts_changed(&mut self, id: &str) {
+        if let Some(conv) = self.convs.get(id) {
+            self.group
+                .contacts_changed
+                .extend(conv.members.keys().cloned());
+        }
     }
 }
