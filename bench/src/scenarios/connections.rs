@@ -25,6 +25,9 @@ const DEFAULT_CLIENTS: usize = 10_000;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Sends in flight while giving every offline user its message.
 const FILL_CONCURRENCY: usize = 64;
+/// Offline users each storm sender messages: under the server's default burst of
+/// conversation starts (200), so the fill is not rate limited.
+const STARTS_PER_SENDER: usize = 150;
 /// Attempts per session. Like tern-client, a lean client whose attempt fails (a handshake
 /// packet dropped at a full socket buffer, the server's auth timeout in a storm) tries again
 /// after a full-jitter backoff; failed attempts are reported, never hidden.
@@ -294,26 +297,27 @@ async fn open_all<'a>(
     Ok((sessions, latency, retries))
 }
 
-/// Sends message 0 of flow `i` to `users[i]`, for every user.
+/// Sends message 0 of flow `i` to `users[i]`, for every user, from several senders: each
+/// message starts a conversation, and the server lets one user start at most
+/// `conversation_starts_burst` (200 by default) at once.
 async fn fill_inboxes(server: &Server, users: &[String]) -> anyhow::Result<Sent> {
-    let pool = clients::connect_all(
-        server,
-        &["storm-sender".to_owned()],
-        PoolOptions::default(),
-        |c| {
-            // One conversation per user: finish each stream soon, within the server's stream limit.
-            c.transport.conversation_idle = Duration::from_millis(50);
-        },
-    )
+    let names: Vec<String> = (0..users.len().div_ceil(STARTS_PER_SENDER))
+        .map(|k| format!("storm-sender{k}"))
+        .collect();
+    let pool = clients::connect_all(server, &names, PoolOptions::default(), |c| {
+        // One conversation per user: finish each stream soon, within the server's stream limit.
+        c.transport.conversation_idle = Duration::from_millis(50);
+    })
     .await?;
-    let (sender, _events) = pool.into_iter().next().context("sender did not connect")?;
+    let (senders, _events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
+    anyhow::ensure!(!senders.is_empty(), "no sender connected");
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(FILL_CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, user) in users.iter().enumerate() {
         let flow = Flow {
             id: i as u32,
-            client: sender.clone(),
+            client: senders[i % senders.len()].clone(),
             target: SendTarget::User(user.clone()),
             recipients: 1,
             size: 100,
