@@ -23,6 +23,18 @@ fn presence_of(
     }
 }
 
+/// Waits (up to 10 s) until the server's presence book has `user` at `status`.
+async fn server_sees(server: &TestServer, user: &str, status: PresenceStatus) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.state.presence.get(user).status != status as i32 {
+        assert!(
+            Instant::now() < deadline,
+            "the server never saw {user} {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Collects `n` messages, returning (conversation, seq, text) in arrival order.
 async fn collect(
     events: &mut tern_client::Events,
@@ -382,11 +394,7 @@ async fn a_lost_presence_is_repaired_by_the_next_republish() {
     // The fan-out of alice's change to bob is lost.
     relay.set_blackhole(true);
     alice.set_presence(PresenceStatus::Away).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.state.presence.get("alice").status != PresenceStatus::Away as i32 {
-        assert!(Instant::now() < deadline, "the server never saw alice away");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server_sees(&server, "alice", PresenceStatus::Away).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.set_blackhole(false);
     // alice's device repeats it, unchanged, as it does until it sees it took.
@@ -413,11 +421,7 @@ async fn presence_follows_contacts_as_memberships_change() {
     let (_dave, mut dave_events) = server.connect("dave", "phone").await;
     // A change while alice has no contacts: the server reads (and keeps) an empty list.
     alice.set_presence(PresenceStatus::Away).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.state.presence.get("alice").status != PresenceStatus::Away as i32 {
-        assert!(Instant::now() < deadline, "the server never saw alice away");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server_sees(&server, "alice", PresenceStatus::Away).await;
     let group = alice
         .create_group("g", &["carol".to_string(), "dave".to_string()])
         .await
