@@ -68,6 +68,42 @@ pub fn encode_frame<M: Message>(
     Ok(())
 }
 
+/// Appends the frame of `ServerFrame { entry: InboxEntry { inbox_seq, body } }` to `dst`,
+/// byte for byte what [`encode_frame`] makes of it, but encoding `body` where it is. A pushed
+/// message's body is shared by every recipient; copying it into an owned `InboxEntry` for each
+/// push cost an allocation per field on the server's runtime thread.
+pub fn encode_entry_frame(
+    inbox_seq: u64,
+    body: &crate::pb::inbox_entry::Body,
+    max: usize,
+    dst: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    use prost::encoding::{WireType, encode_key, encoded_len_varint, key_len, uint64};
+    /// `ServerFrame.entry` and `InboxEntry.inbox_seq` in tern.proto.
+    const ENTRY_TAG: u32 = 5;
+    const INBOX_SEQ_TAG: u32 = 1;
+    // proto3 leaves a zero scalar out, as the generated code does.
+    let seq_len = if inbox_seq == 0 {
+        0
+    } else {
+        uint64::encoded_len(INBOX_SEQ_TAG, &inbox_seq)
+    };
+    let entry_len = seq_len + body.encoded_len();
+    let len = key_len(ENTRY_TAG) + encoded_len_varint(entry_len as u64) + entry_len;
+    if len > max {
+        return Err(EncodeError::TooLarge { len, max });
+    }
+    dst.reserve(len + prost::length_delimiter_len(len));
+    prost::encoding::encode_varint(len as u64, dst);
+    encode_key(ENTRY_TAG, WireType::LengthDelimited, dst);
+    prost::encoding::encode_varint(entry_len as u64, dst);
+    if inbox_seq != 0 {
+        uint64::encode(INBOX_SEQ_TAG, &inbox_seq, dst);
+    }
+    body.encode(dst);
+    Ok(())
+}
+
 /// Convenience: one frame as a fresh buffer.
 pub fn frame_bytes<M: Message>(msg: &M, max: usize) -> Result<bytes::Bytes, EncodeError> {
     let mut buf = BytesMut::new();

@@ -38,7 +38,13 @@ pub fn validate_id(id: &str) -> Result<(), IdError> {
 /// The id of the direct conversation between two users: the same whichever of them asks.
 pub fn direct_conversation_id(a: &str, b: &str) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    format!("d:{lo}:{hi}")
+    // Built on every direct send: one exact allocation, no formatting machinery.
+    let mut id = String::with_capacity(lo.len() + hi.len() + 3);
+    id.push_str("d:");
+    id.push_str(lo);
+    id.push(':');
+    id.push_str(hi);
+    id
 }
 
 /// The two members of a direct conversation id, if it is one.
@@ -50,7 +56,14 @@ pub fn direct_members(conversation_id: &str) -> Option<(&str, &str)> {
 
 /// The message id of a stored message: unique because `seq` is unique in its conversation.
 pub fn message_id(conversation_id: &str, seq: u64) -> String {
-    format!("{conversation_id}/{seq}")
+    // Built for every stored message: one exact allocation, no formatting machinery.
+    let mut digits = itoa::Buffer::new();
+    let seq = digits.format(seq);
+    let mut id = String::with_capacity(conversation_id.len() + 1 + seq.len());
+    id.push_str(conversation_id);
+    id.push('/');
+    id.push_str(seq);
+    id
 }
 
 #[cfg(test)]
@@ -74,5 +87,13 @@ mod tests {
         );
         assert_eq!(direct_members("d:alice:bob"), Some(("alice", "bob")));
         assert_eq!(direct_members("g:123"), None);
+        assert_eq!(direct_conversation_id("bob", "alice"), "d:alice:bob");
+    }
+
+    #[test]
+    fn message_ids_name_conversation_and_seq() {
+        assert_eq!(message_id("d:alice:bob", 0), "d:alice:bob/0");
+        assert_eq!(message_id("g:7", 1234), "g:7/1234");
+        assert_eq!(message_id("g:7", u64::MAX), format!("g:7/{}", u64::MAX));
     }
 }

@@ -54,13 +54,6 @@ impl NewEntry {
             body: Arc::new(entry.body?),
         })
     }
-
-    fn to_pb(&self) -> pb::InboxEntry {
-        pb::InboxEntry {
-            inbox_seq: self.inbox_seq,
-            body: Some((*self.body).clone()),
-        }
-    }
 }
 
 /// Where the store reports inbox growth.
@@ -438,10 +431,14 @@ impl PushStream {
             let mut next = Some(entry);
             let mut batched = 0;
             while let Some(entry) = next.take() {
-                let frame = ServerFrame {
-                    body: Some(server_frame::Body::Entry(entry.to_pb())),
-                };
-                if tern_protocol::frame::encode_frame(&frame, max, &mut bytes).is_err() {
+                if tern_protocol::frame::encode_entry_frame(
+                    entry.inbox_seq,
+                    &entry.body,
+                    max,
+                    &mut bytes,
+                )
+                .is_err()
+                {
                     tracing::error!(seq = entry.inbox_seq, "inbox entry too large for a frame");
                     return Some(first_seq);
                 }

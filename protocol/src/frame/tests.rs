@@ -39,6 +39,19 @@ proptest! {
     }
 
     #[test]
+    fn entry_frames_encode_like_owned_ones(entry in any::<crate::pb::InboxEntry>()) {
+        let owned = ServerFrame { body: Some(server_frame::Body::Entry(entry.clone())) };
+        let mut expected = BytesMut::new();
+        encode_frame(&owned, MAX, &mut expected).expect("encode");
+        let mut got = BytesMut::new();
+        // A push always has a body; an entry without one is not written this way.
+        if let Some(body) = &entry.body {
+            encode_entry_frame(entry.inbox_seq, body, MAX, &mut got).expect("encode");
+            prop_assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
     fn datagrams_round_trip(datagram in any::<Datagram>()) {
         let mut wire = BytesMut::new();
         prost::Message::encode_raw(&datagram, &mut wire);
@@ -154,6 +167,20 @@ fn encode_refuses_frames_over_the_cap() {
         frame_bytes(&frame, 10),
         Err(EncodeError::TooLarge { .. })
     ));
+}
+
+#[test]
+fn entry_frames_are_capped() {
+    let body = crate::pb::inbox_entry::Body::Message(crate::pb::Message {
+        text: "x".repeat(100),
+        ..Default::default()
+    });
+    let mut buf = BytesMut::new();
+    assert!(matches!(
+        encode_entry_frame(7, &body, 10, &mut buf),
+        Err(EncodeError::TooLarge { .. })
+    ));
+    assert!(buf.is_empty());
 }
 
 #[test]

@@ -251,7 +251,8 @@ mod tests {
     fn alice_inbox(db: &Database, n: u64) -> Result<(Keyspace, Keyspace), StoreError> {
         let inbox_ks = db.keyspace("inbox", KeyspaceCreateOptions::default)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
-        let mut chunk = Vec::new();
+        let mut chunk = inbox::ChunkBuf::default();
+        let mut in_chunk = 0;
         for seq in 1..=n {
             let message = pb::Message {
                 conversation_id: "d:alice:bob".into(),
@@ -260,15 +261,16 @@ mod tests {
                 client_message_id: format!("m{seq}"),
                 ..Default::default()
             };
-            log.insert(seq_key("d:alice:bob", seq), message.encode_to_vec())?;
-            chunk.push(pb::InboxEntry {
-                inbox_seq: seq,
-                body: Some(pb::inbox_entry::Body::Message(message)),
-            });
-            if chunk.len() == 2 || seq == n {
-                let (key, value) = inbox::chunk_record("alice", std::mem::take(&mut chunk))
+            let encoded = message.encode_to_vec();
+            log.insert(seq_key("d:alice:bob", seq), encoded.clone())?;
+            chunk.push(seq, inbox::Stored::Reference(&encoded));
+            in_chunk += 1;
+            if in_chunk == 2 || seq == n {
+                let (key, value) = std::mem::take(&mut chunk)
+                    .into_record("alice")
                     .ok_or(StoreError::Failed)?;
                 inbox_ks.insert(key, value)?;
+                in_chunk = 0;
             }
         }
         Ok((inbox_ks, log))

@@ -25,10 +25,70 @@ pub(super) struct InboxChunk {
     pub entries: Vec<pb::InboxEntry>,
 }
 
-/// The key and value of a chunk; `None` for no entries.
-pub(super) fn chunk_record(user: &str, entries: Vec<pb::InboxEntry>) -> Option<(Vec<u8>, Vec<u8>)> {
-    let last = entries.last()?.inbox_seq;
-    Some((seq_key(user, last), InboxChunk { entries }.encode_to_vec()))
+/// One user's new entries of a group, encoded as they are appended: the value of the chunk
+/// to store, byte for byte what encoding an [`InboxChunk`] of them makes. A message's
+/// reference is encoded once per send and copied into each member's chunk, instead of one
+/// owned reference per member (three allocations each) encoded again at the end of the group.
+#[derive(Debug, Default)]
+pub(super) struct ChunkBuf {
+    /// The `inbox_seq` of the last entry: the chunk's key.
+    last: u64,
+    bytes: Vec<u8>,
+}
+
+/// What an inbox entry holds, as appended.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stored<'a> {
+    /// A message reference, already encoded (a `pb::Message`).
+    Reference(&'a [u8]),
+    /// A receipt or an event.
+    Body(&'a pb::inbox_entry::Body),
+}
+
+/// `InboxChunk.entries`, `InboxEntry.inbox_seq` and `InboxEntry.message`.
+const ENTRIES_TAG: u32 = 1;
+const INBOX_SEQ_TAG: u32 = 1;
+const MESSAGE_TAG: u32 = 2;
+
+impl ChunkBuf {
+    /// Appends the entry `inbox_seq` holding `stored`.
+    pub fn push(&mut self, inbox_seq: u64, stored: Stored<'_>) {
+        use prost::encoding::uint64;
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let seq_len = if inbox_seq == 0 {
+            0
+        } else {
+            uint64::encoded_len(INBOX_SEQ_TAG, &inbox_seq)
+        };
+        let body_len = match stored {
+            Stored::Reference(bytes) => {
+                key_len(MESSAGE_TAG) + encoded_len_varint(bytes.len() as u64) + bytes.len()
+            }
+            Stored::Body(body) => body.encoded_len(),
+        };
+        let entry_len = seq_len + body_len;
+        let out = &mut self.bytes;
+        out.reserve(key_len(ENTRIES_TAG) + encoded_len_varint(entry_len as u64) + entry_len);
+        encode_key(ENTRIES_TAG, WireType::LengthDelimited, out);
+        encode_varint(entry_len as u64, out);
+        if inbox_seq != 0 {
+            uint64::encode(INBOX_SEQ_TAG, &inbox_seq, out);
+        }
+        match stored {
+            Stored::Reference(bytes) => {
+                encode_key(MESSAGE_TAG, WireType::LengthDelimited, out);
+                encode_varint(bytes.len() as u64, out);
+                out.extend_from_slice(bytes);
+            }
+            Stored::Body(body) => body.encode(out),
+        }
+        self.last = inbox_seq;
+    }
+
+    /// The chunk's key and value under `user`; `None` for no entries.
+    pub fn into_record(self, user: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        (!self.bytes.is_empty()).then(|| (seq_key(user, self.last), self.bytes))
+    }
 }
 
 /// Up to `limit` entries of `user`'s inbox with `after < inbox_seq <= up_to`, in order, as
@@ -76,8 +136,66 @@ mod tests {
     fn entry(seq: u64) -> pb::InboxEntry {
         pb::InboxEntry {
             inbox_seq: seq,
-            body: None,
+            body: Some(pb::inbox_entry::Body::Receipt(pb::Receipt {
+                up_to_seq: seq,
+                ..Default::default()
+            })),
         }
+    }
+
+    /// The record of `entries` as the writer builds it.
+    fn chunk_record(user: &str, entries: &[pb::InboxEntry]) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut chunk = ChunkBuf::default();
+        for e in entries {
+            if let Some(body) = &e.body {
+                chunk.push(e.inbox_seq, Stored::Body(body));
+            }
+        }
+        chunk.into_record(user)
+    }
+
+    #[test]
+    fn chunks_encode_like_the_entries_they_hold() -> Result<(), Box<dyn std::error::Error>> {
+        let reference = pb::Message {
+            conversation_id: "d:alice:bob".into(),
+            seq: 300,
+            sender: "alice".into(),
+            sender_device: "phone".into(),
+            client_message_id: "c1".into(),
+            ..Default::default()
+        };
+        let receipt = pb::inbox_entry::Body::Receipt(pb::Receipt {
+            conversation_id: "d:alice:bob".into(),
+            user_id: "bob".into(),
+            up_to_seq: 300,
+            ..Default::default()
+        });
+        let entries = vec![
+            pb::InboxEntry {
+                inbox_seq: 41,
+                body: Some(pb::inbox_entry::Body::Message(reference.clone())),
+            },
+            pb::InboxEntry {
+                inbox_seq: 42,
+                body: Some(receipt.clone()),
+            },
+            pb::InboxEntry {
+                inbox_seq: 200_000,
+                body: Some(pb::inbox_entry::Body::Message(reference.clone())),
+            },
+        ];
+        let encoded = reference.encode_to_vec();
+        let mut chunk = ChunkBuf::default();
+        chunk.push(41, Stored::Reference(&encoded));
+        chunk.push(42, Stored::Body(&receipt));
+        chunk.push(200_000, Stored::Reference(&encoded));
+        let (key, value) = chunk.into_record("alice").ok_or("empty chunk")?;
+        assert_eq!(key, seq_key("alice", 200_000));
+        let expected = InboxChunk { entries };
+        assert_eq!(value, expected.encode_to_vec());
+        assert_eq!(InboxChunk::decode(&*value)?, expected);
+        assert_eq!(ChunkBuf::default().into_record("bob"), None);
+        Ok(())
     }
 
     fn seqs(entries: &[pb::InboxEntry]) -> Vec<u64> {
@@ -91,13 +209,12 @@ mod tests {
         let inbox = db.keyspace("inbox", KeyspaceCreateOptions::default)?;
         // Chunks 1..=3, 4, 5..=9 for alice; one for "alice0", which sorts right after her.
         for chunk in [vec![1, 2, 3], vec![4], vec![5, 6, 7, 8, 9]] {
-            let entries = chunk.into_iter().map(entry).collect();
-            let (key, value) = chunk_record("alice", entries).ok_or("empty chunk")?;
+            let entries: Vec<_> = chunk.into_iter().map(entry).collect();
+            let (key, value) = chunk_record("alice", &entries).ok_or("empty chunk")?;
             inbox.insert(key, value)?;
         }
-        let (key, value) = chunk_record("alice0", vec![entry(1)]).ok_or("empty chunk")?;
+        let (key, value) = chunk_record("alice0", &[entry(1)]).ok_or("empty chunk")?;
         inbox.insert(key, value)?;
-        assert_eq!(chunk_record("bob", Vec::new()), None);
 
         assert_eq!(
             seqs(&read(&inbox, "alice", 0, u64::MAX, 100)?),

@@ -22,6 +22,7 @@ use tracing::error;
 
 use super::acks::Remembered;
 use super::dedup;
+use super::inbox::{ChunkBuf, Stored};
 use super::keys::{self, pair_key, prefix, seq_key};
 use super::rate::TokenBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
@@ -57,6 +58,8 @@ pub enum Target {
 /// The stored message a send produced (or had produced, for a retried client id).
 #[derive(Debug, Clone)]
 pub struct SendOutcome {
+    /// Its ids: message id, conversation, seq and time (what the sender's ack carries). The
+    /// body, and for a new message the sender fields, are left out.
     pub message: pb::Message,
     pub duplicate: bool,
     /// The sender's own inbox sequence for this message.
@@ -291,17 +294,6 @@ pub(super) fn spawn(
     Ok(WriterHandle { tx })
 }
 
-/// What inbox entries hold for a message: a reference, resolved from the log when read.
-fn reference_message(conversation: &str, seq: u64, sender: &str, device: &str) -> pb::Message {
-    pb::Message {
-        conversation_id: conversation.to_owned(),
-        seq,
-        sender: sender.to_owned(),
-        sender_device: device.to_owned(),
-        ..Default::default()
-    }
-}
-
 /// The answer to a repeat of the send that had `outcome`.
 fn duplicate_of(outcome: &SendOutcome) -> SendOutcome {
     SendOutcome {
@@ -381,7 +373,7 @@ pub(super) struct Group {
     pub u64s: HashMap<Vec<u8>, u64>,
     /// Each user's inbox entries of this group, as stored: one record per user at the end
     /// ([`super::inbox`]).
-    pub chunks: HashMap<Arc<str>, Vec<pb::InboxEntry>>,
+    pub chunks: HashMap<Arc<str>, ChunkBuf>,
     pub replies: Vec<DeferredReply>,
     /// Users whose contacts may have changed in this group ([`super::contacts`]).
     pub contacts_changed: Vec<Arc<str>>,
@@ -446,8 +438,8 @@ impl Writer {
             self.published
                 .commands
                 .fetch_add(commands, std::sync::atomic::Ordering::Relaxed);
-            for (user, entries) in self.group.chunks.drain() {
-                if let Some((key, value)) = super::inbox::chunk_record(&user, entries) {
+            for (user, chunk) in self.group.chunks.drain() {
+                if let Some((key, value)) = chunk.into_record(&user) {
                     batch.insert(&self.ks.inbox, key, value);
                 }
             }
@@ -609,27 +601,24 @@ impl Writer {
         user: &Arc<str>,
         body: &Arc<pb::inbox_entry::Body>,
     ) -> Result<u64, StoreError> {
-        self.append_entry(user, (**body).clone(), body.clone())
+        self.append_entry(user, Stored::Body(body), body.clone())
     }
 
-    /// Appends `stored` to `user`'s inbox (its chunk is written when the group ends), and hands `delivered` (the same entry as devices
-    /// see it: a message resolved from its reference) to delivery after the commit.
+    /// Appends `stored` to `user`'s inbox (its chunk is written when the group ends), and
+    /// hands `delivered` (the same entry as devices see it: a message resolved from its
+    /// reference) to delivery after the commit.
     fn append_entry(
         &mut self,
         user: &Arc<str>,
-        stored: pb::inbox_entry::Body,
+        stored: Stored<'_>,
         delivered: Arc<pb::inbox_entry::Body>,
     ) -> Result<u64, StoreError> {
         let seq = self.inbox_head(user)? + 1;
-        let entry = pb::InboxEntry {
-            inbox_seq: seq,
-            body: Some(stored),
-        };
         self.group
             .chunks
             .entry(user.clone())
             .or_default()
-            .push(entry);
+            .push(seq, stored);
         self.inbox_heads.insert(user.clone(), seq);
         self.group
             .appended
@@ -731,22 +720,36 @@ impl Writer {
         let conv_arc = conv.id.clone();
         self.group.touched_convs.insert(conv_arc.clone());
 
+        let message_id = tern_protocol::ids::message_id(&conv_id, seq);
+        let sent_at_ms = crate::auth::unix_now_ms();
         // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.
         let header = pb::Message {
-            message_id: tern_protocol::ids::message_id(&conv_id, seq),
+            message_id: message_id.clone(),
+            conversation_id: conv_id.clone(),
+            seq,
+            sent_at_ms,
+            ..Default::default()
+        };
+        // Inboxes hold a reference (conversation, seq, sender); readers resolve it from the
+        // log. The sender's own entry also keeps the client id: retries are looked up there.
+        // Each is encoded once, whatever the number of members.
+        let client_message_id = msg.client_message_id;
+        let mut reference = pb::Message {
             conversation_id: conv_id.clone(),
             seq,
             sender: sender.to_string(),
             sender_device: device.to_string(),
-            client_message_id: msg.client_message_id,
-            sent_at_ms: crate::auth::unix_now_ms(),
-            text: String::new(),
-            payload: Vec::new(),
+            ..Default::default()
         };
+        let others_reference = reference.encode_to_vec();
+        reference.client_message_id.clone_from(&client_message_id);
+        let own_reference = reference.encode_to_vec();
         let message = pb::Message {
+            message_id,
             text: msg.text,
             payload: msg.payload,
-            ..header.clone()
+            sent_at_ms,
+            ..reference
         };
         batch.insert(
             &self.ks.log,
@@ -758,16 +761,11 @@ impl Writer {
         let delivered = Arc::new(pb::inbox_entry::Body::Message(message));
         let mut sender_inbox_seq = 0;
         for member in &members {
-            // Inboxes hold a reference (conversation, seq, sender); readers resolve it from
-            // the log. The sender's own entry also keeps the client id: retries are looked up
-            // there.
-            let mut reference = reference_message(&conv_id, seq, sender, device);
-            if member == sender {
-                reference
-                    .client_message_id
-                    .clone_from(&header.client_message_id);
-            }
-            let stored = pb::inbox_entry::Body::Message(reference);
+            let stored = if member == sender {
+                Stored::Reference(&own_reference)
+            } else {
+                Stored::Reference(&others_reference)
+            };
             let inbox_seq = self.append_entry(member, stored, delivered.clone())?;
             if member == sender {
                 sender_inbox_seq = inbox_seq;
@@ -781,7 +779,7 @@ impl Writer {
             duplicate: false,
             sender_inbox_seq,
         };
-        let id = &outcome.message.client_message_id;
+        let id = &client_message_id;
         if !id.is_empty() {
             match (scope, msg.retry_after_inbox_seq) {
                 (IdScope::AnyTime, _) => {
