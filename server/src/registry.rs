@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use tern_protocol::pb::PresenceStatus;
 
-use dashmap::DashMap;
-
 /// One authenticated connection.
 #[derive(Debug)]
 pub struct Session {
@@ -50,7 +48,7 @@ impl Session {
 /// Every live session, by user and device.
 #[derive(Debug, Default)]
 pub struct Registry {
-    users: DashMap<Arc<str>, HashMap<Arc<str>, Arc<Session>>>,
+    users: crate::FastDashMap<Arc<str>, HashMap<Arc<str>, Arc<Session>>>,
 }
 
 impl Registry {

@@ -7,7 +7,7 @@
 //! device's ack covers them, and reads the inbox only for what it does not remember: entries
 //! from before this process loaded the user, or dropped because nobody acknowledged them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use fjall::OwnedWriteBatch as WriteBatch;
@@ -31,7 +31,7 @@ const MAX_REMEMBERED_TOTAL: usize = 262_144;
 /// Every loaded user's [`Unreceipted`], within [`MAX_REMEMBERED_TOTAL`] entries.
 #[derive(Debug, Default)]
 pub(super) struct Remembered {
-    users: HashMap<Arc<str>, Unreceipted>,
+    users: crate::FastMap<Arc<str>, Unreceipted>,
     /// Entries held over all users.
     total: usize,
 }

@@ -1,6 +1,6 @@
 //! Writer operations on groups and receipts.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use fjall::OwnedWriteBatch as WriteBatch;
@@ -176,7 +176,7 @@ impl Writer {
             "g:{}",
             raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
         ));
-        let members: HashMap<Arc<str>, MemberRole> = all
+        let members: crate::FastMap<Arc<str>, MemberRole> = all
             .into_iter()
             .map(|u| {
                 let role = if u == *owner {

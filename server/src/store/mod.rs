@@ -21,7 +21,6 @@ pub mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tern_protocol::ErrorCode;
 use tern_protocol::pb;
@@ -111,8 +110,8 @@ pub(crate) struct Keyspaces {
 /// Durable heads, published by the writer after each fsync. Readers clamp to them.
 #[derive(Debug, Default)]
 pub(crate) struct Published {
-    pub inbox: DashMap<Arc<str>, u64>,
-    pub conv: DashMap<Arc<str>, u64>,
+    pub inbox: crate::FastDashMap<Arc<str>, u64>,
+    pub conv: crate::FastDashMap<Arc<str>, u64>,
     /// Groups committed (one fsync covers one or more with `Durability::Sync`) and commands
     /// in them.
     pub groups: std::sync::atomic::AtomicU64,

@@ -8,7 +8,7 @@
 //! messages, so the disk's fsync rate does not cap throughput, and the writer applies the next
 //! group while the previous one is being synced.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -27,6 +27,7 @@ use super::keys::{self, pair_key, prefix, seq_key};
 use super::rate::TokenBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
+use crate::{FastMap, FastSet};
 
 use super::commit;
 
@@ -271,8 +272,8 @@ pub(super) fn spawn(
         ks,
         published,
         limits,
-        convs: HashMap::new(),
-        inbox_heads: HashMap::new(),
+        convs: FastMap::default(),
+        inbox_heads: FastMap::default(),
         remembered: Remembered::default(),
         retries: dedup::RecentRetries::default(),
         scan_budgets: dedup::ScanBudgets::default(),
@@ -311,7 +312,7 @@ pub(super) struct Conv {
     pub created_at_ms: u64,
     pub dissolved: bool,
     pub last_seq: u64,
-    pub members: HashMap<Arc<str>, MemberRole>,
+    pub members: FastMap<Arc<str>, MemberRole>,
 }
 
 impl Conv {
@@ -363,17 +364,17 @@ pub(super) type DeferredReply = Box<dyn FnOnce(Option<&str>) + Send>;
 #[derive(Default)]
 pub(super) struct Group {
     /// Entries appended to each user's inbox, in order, for delivery after the commit.
-    pub appended: HashMap<Arc<str>, Vec<NewEntry>>,
-    pub touched_convs: HashSet<Arc<str>>,
+    pub appended: FastMap<Arc<str>, Vec<NewEntry>>,
+    pub touched_convs: FastSet<Arc<str>>,
     /// Sender → client message id → outcome of this group's `ID_SCOPE_ANY_TIME` sends, for
     /// repeats within the group (the index on disk does not have them yet). Retry-scoped
     /// sends are found among the sender's `appended` entries instead, and only by retries.
-    pub idem: HashMap<Arc<str>, HashMap<String, SendOutcome>>,
+    pub idem: FastMap<Arc<str>, HashMap<String, SendOutcome>>,
     /// Cursor and mark values written in this group (full key → value).
-    pub u64s: HashMap<Vec<u8>, u64>,
+    pub u64s: FastMap<Vec<u8>, u64>,
     /// Each user's inbox entries of this group, as stored: one record per user at the end
     /// ([`super::inbox`]).
-    pub chunks: HashMap<Arc<str>, ChunkBuf>,
+    pub chunks: FastMap<Arc<str>, ChunkBuf>,
     pub replies: Vec<DeferredReply>,
     /// Users whose contacts may have changed in this group ([`super::contacts`]).
     pub contacts_changed: Vec<Arc<str>>,
@@ -398,8 +399,8 @@ pub(super) struct Writer {
     pub ks: Keyspaces,
     pub published: Arc<Published>,
     pub limits: StoreLimits,
-    pub convs: HashMap<Arc<str>, Conv>,
-    pub inbox_heads: HashMap<Arc<str>, u64>,
+    pub convs: FastMap<Arc<str>, Conv>,
+    pub inbox_heads: FastMap<Arc<str>, u64>,
     /// Per user, the received messages no device has acknowledged yet ([`super::acks`]).
     pub remembered: Remembered,
     /// Retries stored as new, against a late first attempt ([`dedup`]).
@@ -546,7 +547,7 @@ impl Writer {
                 return Ok(None);
             };
             let meta = pb::Conversation::decode(&*meta)?;
-            let mut members = HashMap::new();
+            let mut members = FastMap::default();
             for guard in self.ks.members.prefix(prefix(id)) {
                 let (key, value) = guard.into_inner()?;
                 if let Some(user) = keys::second_of(&key, id) {
