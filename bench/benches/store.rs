@@ -19,16 +19,7 @@ impl Delivery for Nobody {
 }
 
 fn open(dir: &std::path::Path) -> Arc<Store> {
-    let limits = StoreLimits {
-        max_message_bytes: 64 * 1024,
-        max_group_members: 10_000,
-        durability: Durability::Buffered,
-        cache_entries: 100_000,
-        conversation_starts_per_minute: 0,
-        conversation_starts_burst: 1,
-        member_additions_per_minute: 0,
-        member_additions_burst: 1,
-    };
+    let limits = StoreLimits::unthrottled(Durability::Buffered);
     Store::open(dir, limits, Arc::new(Nobody)).unwrap()
 }
 

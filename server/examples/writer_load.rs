@@ -40,16 +40,7 @@ async fn main() {
         _ => pb::IdScope::Retries,
     };
     let dir = tempfile::tempdir().unwrap();
-    let limits = StoreLimits {
-        max_message_bytes: 64 * 1024,
-        max_group_members: 10_000,
-        durability: Durability::Buffered,
-        cache_entries: 100_000,
-        conversation_starts_per_minute: 0,
-        conversation_starts_burst: 1,
-        member_additions_per_minute: 0,
-        member_additions_burst: 1,
-    };
+    let limits = StoreLimits::unthrottled(Durability::Buffered);
     let store = Store::open(dir.path(), limits, Arc::new(Nobody)).unwrap();
     let writer = store.writer().clone();
     let (answers_tx, mut answers) = tokio::sync::mpsc::channel(IN_FLIGHT);

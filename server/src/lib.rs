@@ -76,16 +76,7 @@ impl ServerState {
             .or_else(|| std::env::var("TERN_JWT_SECRET").ok());
         let auth = auth::Authenticator::load_or_generate(secret.as_deref(), &config.data_dir)?;
         let registry = Arc::new(registry::Registry::default());
-        let limits = store::StoreLimits {
-            max_message_bytes: config.max_message_bytes as usize,
-            max_group_members: config.max_group_members as usize,
-            durability: config.durability,
-            cache_entries: config.store_cache_entries,
-            conversation_starts_per_minute: config.conversation_starts_per_minute,
-            conversation_starts_burst: config.conversation_starts_burst,
-            member_additions_per_minute: config.member_additions_per_minute,
-            member_additions_burst: config.member_additions_burst,
-        };
+        let limits = store::StoreLimits::from_config(&config);
         let delivery = Arc::new(delivery::LocalDelivery::new(registry.clone()));
         let store = store::Store::open(&config.data_dir.join("store"), limits, delivery)?;
         Ok(Arc::new(Self {

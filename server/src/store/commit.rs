@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use tracing::error;
 
 use super::Published;
-use super::writer::{DeferredReply, Durability};
+use super::handle::Durability;
+use super::writer::DeferredReply;
 use crate::delivery::{Delivery, NewEntry};
 
 /// Committed groups waiting for their fsync, at most; the writer waits when this is full.

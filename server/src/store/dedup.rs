@@ -29,8 +29,8 @@ use fjall::Keyspace;
 use prost::Message as _;
 use tern_protocol::pb;
 
+use super::handle::SendOutcome;
 use super::keys::{self, seq_key};
-use super::writer::SendOutcome;
 use super::{StoreError, inbox};
 
 /// Most of the sender's inbox entries a retry looks through. A retry comes seconds after its
@@ -329,16 +329,7 @@ mod tests {
     #[tokio::test]
     async fn retries_queued_behind_their_first_attempt_are_duplicates() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let limits = super::super::StoreLimits {
-            max_message_bytes: 1024,
-            max_group_members: 10,
-            durability: super::super::Durability::Buffered,
-            cache_entries: 100,
-            conversation_starts_per_minute: 0,
-            conversation_starts_burst: 1,
-            member_additions_per_minute: 0,
-            member_additions_burst: 1,
-        };
+        let limits = super::super::StoreLimits::unthrottled(super::super::Durability::Buffered);
         let store = super::super::Store::open(dir.path(), limits, Arc::new(Nobody))?;
         let writer = store.writer();
         let (alice, phone): (Arc<str>, Arc<str>) = (Arc::from("alice"), Arc::from("phone"));

@@ -12,8 +12,9 @@ use tern_protocol::pb::{
 };
 
 use super::StoreError;
+use super::handle::GroupOp;
 use super::keys::{mark_key, pair_key, seq_key};
-use super::writer::{Conv, GroupOp, Writer};
+use super::writer::{Conv, Writer};
 use crate::auth::unix_now_ms;
 
 /// Most entries one ack or read mark scans for receipts; older ones get no receipt.

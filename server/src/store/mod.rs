@@ -12,11 +12,13 @@ mod commit;
 mod contacts;
 mod dedup;
 mod groups;
+mod handle;
 mod inbox;
 mod keys;
 mod rate;
 mod reads;
-pub mod writer;
+mod send;
+mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tern_protocol::ErrorCode;
 use tern_protocol::pb;
 
-pub use writer::{Durability, GroupOp, SendOutcome, Target, WriterHandle};
+pub use handle::{Durability, GroupOp, SendOutcome, Target, WriterHandle};
 
 /// Why a storage operation failed. Each maps to one protocol error code.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +128,7 @@ pub(crate) struct Published {
 pub struct Store {
     pub(crate) ks: Keyspaces,
     pub(crate) published: Arc<Published>,
-    writer: writer::WriterHandle,
+    writer: handle::WriterHandle,
 }
 
 impl std::fmt::Debug for Store {
@@ -162,6 +164,34 @@ pub struct StoreLimits {
     /// owner), and at once; 0 per minute: no limit.
     pub member_additions_per_minute: u32,
     pub member_additions_burst: u32,
+}
+
+impl StoreLimits {
+    /// The limits `config` sets.
+    pub fn from_config(config: &crate::Config) -> Self {
+        Self {
+            max_message_bytes: config.max_message_bytes as usize,
+            max_group_members: config.max_group_members as usize,
+            durability: config.durability,
+            cache_entries: config.store_cache_entries,
+            conversation_starts_per_minute: config.conversation_starts_per_minute,
+            conversation_starts_burst: config.conversation_starts_burst,
+            member_additions_per_minute: config.member_additions_per_minute,
+            member_additions_burst: config.member_additions_burst,
+        }
+    }
+
+    /// For driving the store directly (benchmarks, examples, tests): the server's default
+    /// limits at `durability`, without the per-user rate limits, which a load generator
+    /// sending as a few users would hit first.
+    pub fn unthrottled(durability: Durability) -> Self {
+        Self {
+            durability,
+            conversation_starts_per_minute: 0,
+            member_additions_per_minute: 0,
+            ..Self::from_config(&crate::Config::default())
+        }
+    }
 }
 
 impl Store {
@@ -217,7 +247,7 @@ impl Store {
     }
 
     /// The writer, for operations that change state.
-    pub fn writer(&self) -> &writer::WriterHandle {
+    pub fn writer(&self) -> &handle::WriterHandle {
         &self.writer
     }
 }

@@ -3,7 +3,7 @@
 //! Sessions send [`Command`]s over a bounded channel. The writer takes one, then everything
 //! else already queued (up to [`MAX_GROUP`]), applies them all to one fjall batch and commits
 //! it. The group then goes to the fsync stage ([`super::commit`]), which fsyncs once (with
-//! [`Durability::Sync`]) for every group committed meanwhile, publishes the new durable heads,
+//! [`super::Durability::Sync`]) for every group committed meanwhile, publishes the new durable heads,
 //! tells delivery, and only then answers the group's commands. One fsync thus covers many
 //! messages, so the disk's fsync rate does not cap throughput, and the writer applies the next
 //! group while the previous one is being synced.
@@ -15,15 +15,15 @@ use std::sync::mpsc::SyncSender;
 
 use fjall::{Database, OwnedWriteBatch as WriteBatch};
 use prost::Message as _;
-use serde::Deserialize;
-use tern_protocol::pb::{self, ConversationKind, IdScope, MemberRole};
-use tokio::sync::{mpsc, oneshot};
+use tern_protocol::pb::{self, ConversationKind, MemberRole};
+use tokio::sync::mpsc;
 use tracing::error;
 
 use super::acks::Remembered;
 use super::dedup;
+use super::handle::{Command, Reply, SendOutcome, WriterHandle};
 use super::inbox::{ChunkBuf, Stored};
-use super::keys::{self, pair_key, prefix, seq_key};
+use super::keys::{self, prefix};
 use super::rate::TokenBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
@@ -35,211 +35,6 @@ use super::commit;
 const MAX_GROUP: usize = 1024;
 /// Queue depth in front of the writer; senders wait (asynchronously) when it is full.
 const QUEUE_DEPTH: usize = 8192;
-
-/// When a write is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// After fsync: an acknowledged message survives power loss. Group commit keeps this fast.
-    #[default]
-    Sync,
-    /// After the write reaches the OS: survives a crash of tern (even `kill -9`), not of the
-    /// machine.
-    Buffered,
-}
-
-/// Where a message goes.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Conversation(String),
-    /// The direct conversation with this user, created on first send.
-    Direct(String),
-}
-
-/// The stored message a send produced (or had produced, for a retried client id).
-#[derive(Debug, Clone)]
-pub struct SendOutcome {
-    /// Its ids: message id, conversation, seq and time (what the sender's ack carries). The
-    /// body, and for a new message the sender fields, are left out.
-    pub message: pb::Message,
-    pub duplicate: bool,
-    /// The sender's own inbox sequence for this message.
-    pub sender_inbox_seq: u64,
-}
-
-/// A change to a group.
-#[derive(Debug, Clone)]
-pub enum GroupOp {
-    Create {
-        name: String,
-        members: Vec<String>,
-    },
-    Add {
-        conversation: String,
-        users: Vec<String>,
-    },
-    Remove {
-        conversation: String,
-        user: String,
-    },
-    Leave {
-        conversation: String,
-    },
-    Dissolve {
-        conversation: String,
-    },
-    SetRole {
-        conversation: String,
-        user: String,
-        role: MemberRole,
-    },
-}
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-pub(super) enum Command {
-    Send {
-        sender: Arc<str>,
-        device: Arc<str>,
-        target: Target,
-        msg: pb::SendMessage,
-        reply: Reply<SendOutcome>,
-    },
-    Group {
-        actor: Arc<str>,
-        op: GroupOp,
-        reply: Reply<pb::Conversation>,
-    },
-    MarkRead {
-        user: Arc<str>,
-        conversation: String,
-        up_to: u64,
-        reply: Reply<u64>,
-    },
-    Ack {
-        user: Arc<str>,
-        device: Arc<str>,
-        up_to: u64,
-    },
-}
-
-impl Command {
-    /// Answers with the storage failure, without doing anything.
-    fn refuse(self) {
-        let error = || StoreError::Failed;
-        match self {
-            Command::Send { reply, .. } => {
-                let _ = reply.send(Err(error()));
-            }
-            Command::Group { reply, .. } => {
-                let _ = reply.send(Err(error()));
-            }
-            Command::MarkRead { reply, .. } => {
-                let _ = reply.send(Err(error()));
-            }
-            Command::Ack { .. } => {}
-        }
-    }
-}
-
-/// Cheap to clone; every session holds one.
-#[derive(Debug, Clone)]
-pub struct WriterHandle {
-    tx: mpsc::Sender<Command>,
-}
-
-impl WriterHandle {
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
-    }
-
-    /// Stores a message and answers once it is durable.
-    pub async fn send(
-        &self,
-        sender: Arc<str>,
-        device: Arc<str>,
-        target: Target,
-        msg: pb::SendMessage,
-    ) -> Result<SendOutcome, StoreError> {
-        self.call(|reply| Command::Send {
-            sender,
-            device,
-            target,
-            msg,
-            reply,
-        })
-        .await
-    }
-
-    /// Queues a send without waiting; the answer arrives on the returned receiver. Lets a
-    /// conversation stream pipeline many sends while keeping their order.
-    pub async fn send_pipelined(
-        &self,
-        sender: Arc<str>,
-        device: Arc<str>,
-        target: Target,
-        msg: pb::SendMessage,
-    ) -> Result<oneshot::Receiver<Result<SendOutcome, StoreError>>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Send {
-                sender,
-                device,
-                target,
-                msg,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        Ok(rx)
-    }
-
-    pub async fn group(
-        &self,
-        actor: Arc<str>,
-        op: GroupOp,
-    ) -> Result<pb::Conversation, StoreError> {
-        self.call(|reply| Command::Group { actor, op, reply }).await
-    }
-
-    /// Marks `conversation` read up to `up_to`; returns the user's read mark afterwards.
-    pub async fn mark_read(
-        &self,
-        user: Arc<str>,
-        conversation: String,
-        up_to: u64,
-    ) -> Result<u64, StoreError> {
-        self.call(|reply| Command::MarkRead {
-            user,
-            conversation,
-            up_to,
-            reply,
-        })
-        .await
-    }
-
-    /// Records a device's cumulative acknowledgement (no answer: cursors are hints).
-    pub async fn ack(
-        &self,
-        user: Arc<str>,
-        device: Arc<str>,
-        up_to: u64,
-    ) -> Result<(), StoreError> {
-        self.tx
-            .send(Command::Ack {
-                user,
-                device,
-                up_to,
-            })
-            .await
-            .map_err(|_| StoreError::WriterGone)
-    }
-}
 
 pub(super) fn spawn(
     db: Database,
@@ -293,14 +88,6 @@ pub(super) fn spawn(
         .spawn(move || writer.run(rx))
         .map_err(io)?;
     Ok(WriterHandle { tx })
-}
-
-/// The answer to a repeat of the send that had `outcome`.
-fn duplicate_of(outcome: &SendOutcome) -> SendOutcome {
-    SendOutcome {
-        duplicate: true,
-        ..outcome.clone()
-    }
 }
 
 /// A conversation as the writer caches it.
@@ -608,7 +395,7 @@ impl Writer {
     /// Appends `stored` to `user`'s inbox (its chunk is written when the group ends), and
     /// hands `delivered` (the same entry as devices see it: a message resolved from its
     /// reference) to delivery after the commit.
-    fn append_entry(
+    pub(super) fn append_entry(
         &mut self,
         user: &Arc<str>,
         stored: Stored<'_>,
@@ -649,251 +436,6 @@ impl Writer {
     ) {
         batch.insert(ks, key.clone(), value.to_be_bytes().to_vec());
         self.group.u64s.insert(key, value);
-    }
-
-    fn send(
-        &mut self,
-        sender: &Arc<str>,
-        device: &Arc<str>,
-        target: Target,
-        msg: pb::SendMessage,
-        batch: &mut WriteBatch,
-    ) -> Result<SendOutcome, StoreError> {
-        let size = msg.text.len() + msg.payload.len();
-        if size > self.limits.max_message_bytes {
-            return Err(StoreError::MessageTooLarge {
-                size,
-                max: self.limits.max_message_bytes,
-            });
-        }
-        if msg.client_message_id.len() > 128 {
-            return Err(StoreError::InvalidArgument(
-                "client_message_id is longer than 128 bytes".into(),
-            ));
-        }
-        if let Some(outcome) = self.find_original(sender, &msg)? {
-            return Ok(outcome);
-        }
-        let scope = msg.id_scope();
-        let conv_id = match &target {
-            Target::Conversation(id) => id.clone(),
-            Target::Direct(peer) => {
-                tern_protocol::ids::validate_id(peer)
-                    .map_err(|e| StoreError::InvalidArgument(format!("peer: {e}")))?;
-                if **peer == **sender {
-                    return Err(StoreError::InvalidArgument(
-                        "a direct conversation needs another user".into(),
-                    ));
-                }
-                let id = tern_protocol::ids::direct_conversation_id(sender, peer);
-                if self.conv(&id)?.is_none() {
-                    self.starts.take(sender, std::time::Instant::now())?;
-                    self.create_direct(&id, sender, peer, batch);
-                }
-                id
-            }
-        };
-        let conv = self
-            .conv(&conv_id)?
-            .ok_or_else(|| StoreError::NotFound(format!("conversation {conv_id}")))?;
-        if conv.dissolved {
-            return Err(StoreError::Forbidden(format!(
-                "conversation {conv_id} was dissolved"
-            )));
-        }
-        if !conv.members.contains_key(sender) {
-            return Err(StoreError::Forbidden(format!(
-                "{sender} is not a member of {conv_id}"
-            )));
-        }
-        let members: Vec<Arc<str>> = conv.members.keys().cloned().collect();
-        // Load everything that can fail before changing anything: a failed send must leave
-        // no partial write (and no sequence gap) behind.
-        for member in &members {
-            self.inbox_head(member)?;
-        }
-        let conv = self
-            .convs
-            .get_mut(conv_id.as_str())
-            .ok_or_else(|| StoreError::NotFound(format!("conversation {conv_id}")))?;
-        conv.last_seq += 1;
-        let seq = conv.last_seq;
-        let conv_arc = conv.id.clone();
-        self.group.touched_convs.insert(conv_arc.clone());
-
-        let message_id = tern_protocol::ids::message_id(&conv_id, seq);
-        let sent_at_ms = crate::auth::unix_now_ms();
-        // The ack path needs ids, not the body: queued acks must not hold 64 KiB each.
-        let header = pb::Message {
-            message_id: message_id.clone(),
-            conversation_id: conv_id.clone(),
-            seq,
-            sent_at_ms,
-            ..Default::default()
-        };
-        // Inboxes hold a reference (conversation, seq, sender); readers resolve it from the
-        // log. The sender's own entry also keeps the client id: retries are looked up there.
-        // Each is encoded once, whatever the number of members.
-        let client_message_id = msg.client_message_id;
-        let mut reference = pb::Message {
-            conversation_id: conv_id.clone(),
-            seq,
-            sender: sender.to_string(),
-            sender_device: device.to_string(),
-            ..Default::default()
-        };
-        let others_reference = reference.encode_to_vec();
-        reference.client_message_id.clone_from(&client_message_id);
-        let own_reference = reference.encode_to_vec();
-        let message = pb::Message {
-            message_id,
-            text: msg.text,
-            payload: msg.payload,
-            sent_at_ms,
-            ..reference
-        };
-        batch.insert(
-            &self.ks.log,
-            seq_key(&conv_id, seq),
-            message.encode_to_vec(),
-        );
-        // Delivery gets the message itself, shared by every member: pushers need not read
-        // back what was just written.
-        let delivered = Arc::new(pb::inbox_entry::Body::Message(message));
-        let mut sender_inbox_seq = 0;
-        for member in &members {
-            let stored = if member == sender {
-                Stored::Reference(&own_reference)
-            } else {
-                Stored::Reference(&others_reference)
-            };
-            let inbox_seq = self.append_entry(member, stored, delivered.clone())?;
-            if member == sender {
-                sender_inbox_seq = inbox_seq;
-            } else {
-                self.remembered
-                    .push(member, inbox_seq, &conv_arc, seq, sender);
-            }
-        }
-        let outcome = SendOutcome {
-            message: header,
-            duplicate: false,
-            sender_inbox_seq,
-        };
-        let id = &client_message_id;
-        if !id.is_empty() {
-            match (scope, msg.retry_after_inbox_seq) {
-                (IdScope::AnyTime, _) => {
-                    batch.insert(
-                        &self.ks.idem,
-                        pair_key(sender, id),
-                        dedup::index_record(seq, sender_inbox_seq, &conv_id),
-                    );
-                    self.group
-                        .idem
-                        .entry(sender.clone())
-                        .or_default()
-                        .insert(id.clone(), outcome.clone());
-                }
-                (IdScope::Retries, Some(_)) => {
-                    self.retries
-                        .insert(sender.clone(), id.clone(), duplicate_of(&outcome));
-                }
-                (IdScope::Retries, None) => {}
-            }
-        }
-        Ok(outcome)
-    }
-
-    /// The original of a repeated client message id, as far back as the send's scope asks
-    /// ([`dedup`]); this group's own sends are not on disk yet and are checked first.
-    fn find_original(
-        &mut self,
-        sender: &Arc<str>,
-        msg: &pb::SendMessage,
-    ) -> Result<Option<SendOutcome>, StoreError> {
-        let id = msg.client_message_id.as_str();
-        if id.is_empty() {
-            return Ok(None);
-        }
-        match (msg.id_scope(), msg.retry_after_inbox_seq) {
-            (IdScope::AnyTime, _) => {
-                if let Some(outcome) = self.group.idem.get(sender).and_then(|ids| ids.get(id)) {
-                    return Ok(Some(duplicate_of(outcome)));
-                }
-                dedup::find_indexed(&self.ks.idem, &self.ks.log, sender, id)
-            }
-            (IdScope::Retries, Some(after)) => {
-                if let Some(outcome) = self.find_in_group(sender, id) {
-                    return Ok(Some(outcome));
-                }
-                let head = self.inbox_head(sender)?;
-                match self.retries.get(sender, id) {
-                    Some(outcome) => Ok(Some(outcome)),
-                    None => dedup::find_retried(
-                        &self.ks.inbox,
-                        &self.ks.log,
-                        &mut self.scan_budgets,
-                        sender,
-                        id,
-                        after,
-                        head,
-                    ),
-                }
-            }
-            (IdScope::Retries, None) => Ok(self.retries.get(sender, id)),
-        }
-    }
-
-    /// A send of `sender` with client id `id` earlier in this group (not on disk yet), as its
-    /// duplicate. Only retries look here, so the scan is rare.
-    fn find_in_group(&self, sender: &Arc<str>, id: &str) -> Option<SendOutcome> {
-        self.group.appended.get(sender)?.iter().find_map(|entry| {
-            let pb::inbox_entry::Body::Message(m) = &*entry.body else {
-                return None;
-            };
-            (m.client_message_id == id && *m.sender == **sender).then(|| SendOutcome {
-                message: pb::Message {
-                    text: String::new(),
-                    payload: Vec::new(),
-                    ..m.clone()
-                },
-                duplicate: true,
-                sender_inbox_seq: entry.inbox_seq,
-            })
-        })
-    }
-
-    fn create_direct(&mut self, id: &str, a: &Arc<str>, b: &str, batch: &mut WriteBatch) {
-        let b: Arc<str> = Arc::from(b);
-        let id: Arc<str> = Arc::from(id);
-        let conv = Conv {
-            id: id.clone(),
-            kind: ConversationKind::Direct,
-            name: String::new(),
-            created_at_ms: crate::auth::unix_now_ms(),
-            dissolved: false,
-            last_seq: 0,
-            members: [
-                (a.clone(), MemberRole::Member),
-                (b.clone(), MemberRole::Member),
-            ]
-            .into_iter()
-            .collect(),
-        };
-        batch.insert(&self.ks.meta, id.as_bytes(), conv.meta());
-        for user in [a, &b] {
-            batch.insert(
-                &self.ks.members,
-                pair_key(&id, user),
-                vec![MemberRole::Member as u8],
-            );
-            batch.insert(&self.ks.user_convs, pair_key(user, &id), Vec::new());
-        }
-        self.published.conv.insert(id.clone(), 0);
-        self.group.touched_convs.insert(id.clone());
-        self.convs.insert(id.clone(), conv);
-        self.contacts_changed(&id);
     }
 
     /// Every member of `id` may have gained or lost contacts: their counters move once the
