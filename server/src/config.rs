@@ -97,6 +97,12 @@ pub struct Config {
     /// default maximum size at once; 1,000 a minute then is an admin adding people all day.
     pub member_additions_per_minute: u32,
     pub member_additions_burst: u32,
+    /// Largest group whose members see each other's presence and typing. Both are one
+    /// datagram per online member, on the runtime thread: in a group of 10,000 one presence
+    /// change or typing event would be up to 10,000 datagrams, and a few active members
+    /// hundreds of thousands a second. 256 covers family, team and class groups; direct
+    /// conversations always carry both. Messages are not affected.
+    pub presence_max_group_members: u32,
 }
 
 impl Default for Config {
@@ -126,6 +132,7 @@ impl Default for Config {
             conversation_starts_burst: 200,
             member_additions_per_minute: 1_000,
             member_additions_burst: 10_000,
+            presence_max_group_members: 256,
         }
     }
 }

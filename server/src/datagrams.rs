@@ -122,7 +122,9 @@ pub fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
     }
     let mut contacts = BTreeSet::new();
     for conversation in state.store.conversations_of(user).unwrap_or_default() {
-        if let Ok(members) = state.store.members(&conversation) {
+        if let Ok(members) = state.store.members(&conversation)
+            && relays_presence(state, &conversation, members.len())
+        {
             contacts.extend(members.into_iter().map(|m| m.user_id).filter(|m| m != user));
         }
     }
@@ -135,6 +137,13 @@ pub fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
         .users
         .insert(Arc::from(user), (epoch, contacts.clone()));
     contacts
+}
+
+/// Whether presence and typing go between the `members` members of `conversation`: always in
+/// a direct conversation, in groups up to [`crate::Config::presence_max_group_members`].
+fn relays_presence(state: &ServerState, conversation: &str, members: usize) -> bool {
+    tern_protocol::ids::direct_members(conversation).is_some()
+        || members <= state.config.presence_max_group_members as usize
 }
 
 /// Recomputes `user`'s presence from their sessions and fans out a change.
@@ -307,6 +316,9 @@ fn typing(state: &ServerState, session: &Session, typing: pb::Typing) {
     let Ok(members) = state.store.members(&typing.conversation_id) else {
         return;
     };
+    if !relays_presence(state, &typing.conversation_id, members.len()) {
+        return;
+    }
     let expires_in_ms = match typing.expires_in_ms {
         0 => TYPING_DEFAULT_MS,
         ms => ms.min(TYPING_MAX_MS),

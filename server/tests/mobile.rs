@@ -469,6 +469,48 @@ async fn presence_follows_contacts_as_memberships_change() {
 }
 
 #[tokio::test]
+async fn presence_and_typing_stay_out_of_groups_over_the_limit() {
+    // A group of three with a limit of two: its members get neither presence nor typing of
+    // each other; a direct conversation still carries both.
+    let server = TestServer::start_with(|c| c.presence_max_group_members = 2).await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let (_carol, mut carol_events) = server.connect("carol", "phone").await;
+    let (_dave, mut dave_events) = server.connect("dave", "phone").await;
+    let group = alice
+        .create_group("big", &["carol".to_string(), "dave".to_string()])
+        .await
+        .unwrap();
+    alice
+        .send(SendTarget::User("dave".into()), "hi", None)
+        .await
+        .unwrap();
+    alice.typing(&group.conversation_id).await.unwrap();
+    alice.set_presence(PresenceStatus::Away).await.unwrap();
+    // dave is a direct contact: he hears of it. That also orders the checks below after it.
+    wait_for(
+        &mut dave_events,
+        10,
+        presence_of("alice", PresenceStatus::Away),
+    )
+    .await;
+    let carol_heard = tokio::time::timeout(
+        Duration::from_millis(500),
+        wait_for(&mut carol_events, 5, |e| match e {
+            Event::Presence(p) if p.user_id == "alice" => Some("presence"),
+            Event::Typing(t) if t.user_id == "alice" => Some("typing"),
+            _ => None,
+        }),
+    )
+    .await;
+    assert!(
+        carol_heard.is_err(),
+        "carol got alice's {:?} through a group over the limit",
+        carol_heard.ok()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn background_devices_get_messages_but_no_presence_or_typing() {
     let server = TestServer::start().await;
     let (alice, _a) = server.connect("alice", "phone").await;
