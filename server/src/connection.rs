@@ -208,7 +208,7 @@ async fn run_session(state: Arc<ServerState>, session: Arc<Session>, control: Co
     state
         .registry
         .unregister(&session.user, &session.device, session.id);
-    crate::datagrams::refresh_presence(&state, &session.user);
+    crate::datagrams::refresh_presence(&state, &session.user).await;
     session.conn.close(varint(ErrorCode::Ok), b"");
 }
 
@@ -240,10 +240,10 @@ async fn greet(
     };
     write_frame(send, &welcome, max).await?;
     // Contacts learn that this user is online; this user learns who is.
-    crate::datagrams::refresh_presence(state, &session.user);
+    crate::datagrams::refresh_presence(state, &session.user).await;
     let snapshot = ServerFrame {
         body: Some(server_frame::Body::PresenceSnapshot(
-            crate::datagrams::snapshot(state, &session.user),
+            crate::datagrams::snapshot(state, &session.user).await,
         )),
     };
     let _ = write_frame(send, &snapshot, max).await;
@@ -294,7 +294,7 @@ async fn control_loop(
                     PresenceStatus::Online
                 };
                 session.set_presence(status);
-                crate::datagrams::refresh_presence(state, &session.user);
+                crate::datagrams::refresh_presence(state, &session.user).await;
             }
             Some(client_frame::Body::AckInbox(ack)) if ack.up_to_inbox_seq <= acked => {}
             Some(client_frame::Body::AckInbox(ack)) => {

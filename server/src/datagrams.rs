@@ -107,8 +107,8 @@ pub struct ContactsCache {
     users: DashMap<Arc<str>, (u64, Arc<[String]>)>,
 }
 
-/// Users who share a conversation with `user`, in id order.
-pub fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
+/// Users who share a conversation with `user` that carries presence, in id order.
+pub async fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
     // Taken before reading: a membership change committed during the read moves it after.
     let epoch = state.store.contacts_epoch(user);
     let cached = state
@@ -120,15 +120,31 @@ pub fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
     if let Some(contacts) = cached {
         return contacts;
     }
-    let mut contacts = BTreeSet::new();
-    for conversation in state.store.conversations_of(user).unwrap_or_default() {
-        if let Ok(members) = state.store.members(&conversation)
-            && relays_presence(state, &conversation, members.len())
-        {
-            contacts.extend(members.into_iter().map(|m| m.user_id).filter(|m| m != user));
+    // A miss reads every conversation of the user and its members from fjall: off the
+    // runtime thread, which serves every connection.
+    let store = state.store.clone();
+    let owner = user.to_owned();
+    let max_group = state.config.presence_max_group_members as usize;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut contacts = BTreeSet::new();
+        for conversation in store.conversations_of(&owner).unwrap_or_default() {
+            if let Ok(members) = store.members_at_most(&conversation, max_group.saturating_add(1))
+                && relays_presence(&conversation, members.len(), max_group)
+            {
+                contacts.extend(
+                    members
+                        .into_iter()
+                        .map(|m| m.user_id)
+                        .filter(|m| *m != owner),
+                );
+            }
         }
-    }
-    let contacts: Arc<[String]> = contacts.into_iter().collect();
+        contacts.into_iter().collect::<Arc<[String]>>()
+    });
+    let Ok(contacts) = read.await else {
+        // The blocking pool is shutting down with the server: nobody to tell.
+        return Arc::from(Vec::new());
+    };
     if state.contacts.users.len() >= CONTACTS_CACHED {
         state.contacts.users.clear();
     }
@@ -140,20 +156,23 @@ pub fn contacts(state: &ServerState, user: &str) -> Arc<[String]> {
 }
 
 /// Whether presence and typing go between the `members` members of `conversation`: always in
-/// a direct conversation, in groups up to [`crate::Config::presence_max_group_members`].
-fn relays_presence(state: &ServerState, conversation: &str, members: usize) -> bool {
-    tern_protocol::ids::direct_members(conversation).is_some()
-        || members <= state.config.presence_max_group_members as usize
+/// a direct conversation, in groups up to `max_group`
+/// ([`crate::Config::presence_max_group_members`]).
+fn relays_presence(conversation: &str, members: usize, max_group: usize) -> bool {
+    tern_protocol::ids::direct_members(conversation).is_some() || members <= max_group
 }
 
 /// Recomputes `user`'s presence from their sessions and fans out a change.
-pub fn refresh_presence(state: &ServerState, user: &Arc<str>) {
-    publish_presence(state, user, false);
+pub async fn refresh_presence(state: &ServerState, user: &Arc<str>) {
+    publish_presence(state, user, false).await;
 }
 
 /// Like [`refresh_presence`], and also fans out an unchanged presence that a device
 /// republished (at most once per [`REPUBLISH_INTERVAL`]).
-fn publish_presence(state: &ServerState, user: &Arc<str>, republish: bool) {
+async fn publish_presence(state: &ServerState, user: &Arc<str>, republish: bool) {
+    // Contacts first (this may wait for a read): from here to the last datagram nothing
+    // waits, so two changes of one user cannot reach contacts in the wrong order.
+    let contacts = contacts(state, user).await;
     let sessions = state.registry.sessions_of(user);
     let status = sessions
         .iter()
@@ -168,7 +187,7 @@ fn publish_presence(state: &ServerState, user: &Arc<str>, republish: bool) {
         let datagram = pb::Datagram {
             body: Some(datagram::Body::Presence(presence)),
         };
-        for contact in contacts(state, user).iter() {
+        for contact in contacts.iter() {
             for session in state.registry.sessions_of(contact) {
                 if !session.is_background() {
                     send(state, &session.conn, &datagram);
@@ -179,8 +198,9 @@ fn publish_presence(state: &ServerState, user: &Arc<str>, republish: bool) {
 }
 
 /// The presence of `user`'s contacts, for the snapshot after Welcome.
-pub fn snapshot(state: &ServerState, user: &str) -> pb::PresenceSnapshot {
+pub async fn snapshot(state: &ServerState, user: &str) -> pb::PresenceSnapshot {
     let mut contacts: Vec<pb::Presence> = contacts(state, user)
+        .await
         .iter()
         .map(|c| state.presence.get(c))
         .collect();
@@ -268,7 +288,7 @@ pub async fn datagram_loop(state: Arc<ServerState>, session: Arc<Session>) {
                     // A device repeats its presence until it sees it took: an unchanged
                     // one is fanned out again (at most once per REPUBLISH_INTERVAL), so a
                     // fan-out datagram lost on the way to a contact is repaired.
-                    publish_presence(&state, &session.user, true);
+                    publish_presence(&state, &session.user, true).await;
                 }
                 _ => {
                     stats.dropped_malformed.fetch_add(1, Ordering::Relaxed);
@@ -308,15 +328,22 @@ fn typing(state: &ServerState, session: &Session, typing: pb::Typing) {
             .fetch_add(1, Ordering::Relaxed);
         return;
     }
-    // Not in dissolved groups; and to every member (the full list, not a response's).
-    match state.store.conversation(&typing.conversation_id) {
-        Ok(conv) if !conv.dissolved => {}
-        _ => return,
+    // Not in dissolved groups, nor in groups too large to carry typing (read no further
+    // than it takes to tell); else to every member (the full list, not a response's).
+    if !matches!(
+        state.store.is_dissolved(&typing.conversation_id),
+        Ok(Some(false))
+    ) {
+        return;
     }
-    let Ok(members) = state.store.members(&typing.conversation_id) else {
+    let max_group = state.config.presence_max_group_members as usize;
+    let Ok(members) = state
+        .store
+        .members_at_most(&typing.conversation_id, max_group.saturating_add(1))
+    else {
         return;
     };
-    if !relays_presence(state, &typing.conversation_id, members.len()) {
+    if !relays_presence(&typing.conversation_id, members.len(), max_group) {
         return;
     }
     let expires_in_ms = match typing.expires_in_ms {

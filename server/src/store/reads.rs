@@ -122,10 +122,25 @@ impl Store {
         Ok(conv)
     }
 
+    /// Whether a conversation was dissolved (`None`: there is no such conversation), without
+    /// reading its members.
+    pub fn is_dissolved(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        match self.ks.meta.get(id)? {
+            Some(meta) => Ok(Some(pb::Conversation::decode(&*meta)?.dissolved)),
+            None => Ok(None),
+        }
+    }
+
     /// Every member of a conversation (for fan-out; responses list at most 1,000).
     pub fn members(&self, id: &str) -> Result<Vec<pb::Member>, StoreError> {
+        self.members_at_most(id, usize::MAX)
+    }
+
+    /// The first `limit` members of a conversation, in id order: enough to tell whether it
+    /// is larger than `limit - 1` without reading all of a large group.
+    pub fn members_at_most(&self, id: &str, limit: usize) -> Result<Vec<pb::Member>, StoreError> {
         let mut members = Vec::new();
-        for guard in self.ks.members.prefix(prefix(id)) {
+        for guard in self.ks.members.prefix(prefix(id)).take(limit) {
             let (key, value) = guard.into_inner()?;
             if let Some(user) = keys::second_of(&key, id) {
                 members.push(pb::Member {
