@@ -18,6 +18,9 @@ use tracing::error;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Threads of tokio's blocking pool (presence contacts read on a cache miss); see `Run`.
+const BLOCKING_THREADS: usize = 4;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tern-server",
@@ -117,16 +120,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => {
-            let runtime = if config.worker_threads <= 1 {
+            let mut builder = if config.worker_threads <= 1 {
                 tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
             } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(config.worker_threads)
-                    .enable_all()
-                    .build()?
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(config.worker_threads);
+                builder
             };
+            // The blocking pool only reads a user's contacts from fjall when the presence
+            // cache misses; tokio's default of 512 threads would let a reconnect storm (every
+            // device missing at once) start hundreds of threads on a 2-core node.
+            let runtime = builder
+                .max_blocking_threads(BLOCKING_THREADS)
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
                 let (endpoint, state) = tern_server::start(config)?;
                 tern_server::run(endpoint, state, shutdown_signal()).await;
