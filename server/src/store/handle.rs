@@ -139,14 +139,10 @@ impl WriterHandle {
         target: Target,
         msg: pb::SendMessage,
     ) -> Result<SendOutcome, StoreError> {
-        self.call(|reply| Command::Send {
-            sender,
-            device,
-            target,
-            msg,
-            reply,
-        })
-        .await
+        self.send_pipelined(sender, device, target, msg)
+            .await?
+            .await
+            .map_err(|_| StoreError::WriterGone)?
     }
 
     /// Queues a send without waiting; the answer arrives on the returned receiver. Lets a
