@@ -25,6 +25,10 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo doc"
+# Broken intra-doc links (to private items, or moved ones) fail here rather than rot.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "build"
 # Every target, tests included: one feature selection (dev-dependencies unified), so the test
 # step and the bindings step below reuse these artifacts instead of recompiling shared crates.

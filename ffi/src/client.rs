@@ -26,7 +26,7 @@ pub struct LiveClients {
     pub sessions: u64,
 }
 
-/// Counts of live clients (see [`LiveClients`]).
+/// Counts of live clients (see `LiveClients`).
 #[uniffi::export]
 pub fn live_clients() -> LiveClients {
     LiveClients {

@@ -27,7 +27,7 @@ const MAX_HISTORY_PAGE: usize = 500;
 /// Streams a connection may have open at first: the control stream, a few conversations and
 /// requests. quinn keeps bookkeeping for every stream it allows (about 90 bytes each), so an
 /// idle phone costs about 5 KB less than with the full allowance; a busy one is granted more
-/// as it opens streams (see [`StreamCredit`]), up to `max_client_bidi_streams`.
+/// as it opens streams (see `StreamCredit`), up to `max_client_bidi_streams`.
 pub const INITIAL_BIDI_STREAMS: u32 = 8;
 /// Credit is raised while at least this many allowed streams are still unopened, so a client
 /// opening streams one after another does not wait for credit.

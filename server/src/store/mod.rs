@@ -1,7 +1,7 @@
 //! Durable storage in fjall: conversation logs, per-user inboxes, membership, idempotency,
 //! cursors and receipt marks. See ARCHITECTURE.md, "Storage layout".
 //!
-//! All writes go through one writer thread ([`writer`]), which assigns sequences, commits many
+//! All writes go through one writer thread (`store/writer.rs`), which assigns sequences, commits many
 //! operations per fsync (group commit) and only then answers. Readers read fjall directly but
 //! never past the heads the writer has published as durable, so a device can never see an
 //! entry that a crash could take back.
@@ -154,9 +154,9 @@ pub struct StoreLimits {
     pub max_message_bytes: usize,
     pub max_group_members: usize,
     pub durability: Durability,
-    /// Users, and separately conversations, the writer keeps cached ([`cache`]).
+    /// Users, and separately conversations, the writer keeps cached (`store/cache.rs`).
     pub cache_entries: usize,
-    /// Conversations a user may start per minute, and at once ([`rate`]); 0 per minute: no
+    /// Conversations a user may start per minute, and at once (`store/rate.rs`); 0 per minute: no
     /// limit.
     pub conversation_starts_per_minute: u32,
     pub conversation_starts_burst: u32,
