@@ -45,9 +45,18 @@ impl InboxTracker {
         true
     }
 
-    /// Jumps the cursor forward (after a "too long" sync answer).
+    /// Moves the cursor to the server's inbox head after a "too long" sync answer: forward
+    /// past entries the server will not send, or back when the server has fewer entries than
+    /// this device saw (its store was restored, or lost its unsynced tail), since its sequence
+    /// goes on from its head and the new entries there must not pass for ones already seen.
     pub(crate) fn reset_to(&mut self, seq: u64) {
-        if seq > self.cursor {
+        if seq < self.cursor {
+            self.cursor = seq;
+            self.above.clear();
+            self.gap_since = None;
+            self.unconsumed.retain(|&held| held <= seq);
+            self.acked = self.acked.min(seq);
+        } else if seq > self.cursor {
             self.cursor = seq;
             self.above = self.above.split_off(&(seq + 1));
             while self.above.remove(&(self.cursor + 1)) {
@@ -108,6 +117,30 @@ impl InboxTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_below_the_cursor_rewinds_it_so_new_entries_there_are_new() {
+        let mut t = InboxTracker::new(0);
+        for seq in [1, 2, 3, 5] {
+            assert!(t.accept(seq));
+            t.hold(seq);
+        }
+        t.consumed(1);
+        t.consumed(2);
+        assert_eq!(t.take_ack(), Some(2));
+        // The server's store went back to 1: its next entries are 2, 3, ... again.
+        t.reset_to(1);
+        assert_eq!(t.cursor(), 1);
+        assert!(t.stale_gap(Duration::ZERO).is_none());
+        assert!(t.accept(2));
+        assert!(t.accept(3));
+        assert!(t.accept(4));
+        assert!(t.accept(5));
+        assert_eq!(t.cursor(), 5);
+        // Entries of the old sequence the app had not taken hold nothing back.
+        assert_eq!(t.processed(), 5);
+        assert_eq!(t.take_ack(), Some(5));
+    }
 
     #[test]
     fn out_of_order_entries_advance_the_cursor_once_contiguous() {

@@ -157,8 +157,10 @@ pub enum Event {
         event: pb::ConversationEvent,
         inbox_seq: u64,
     },
-    /// The device was too far behind: resynchronise from these heads (and page history as
-    /// needed). Events continue after `inbox_head`.
+    /// The device was too far behind, or ahead of the server (whose store was restored or
+    /// lost entries this device had seen): resynchronise from these heads (and page history
+    /// as needed), whose conversations may then hold fewer or other messages than shown.
+    /// Events continue after `inbox_head`.
     SyncTooLong {
         inbox_head: u64,
         heads: Vec<pb::ConversationHead>,

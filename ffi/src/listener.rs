@@ -29,8 +29,9 @@ pub trait TernListener: Send + Sync {
     fn on_typing(&self, typing: Typing);
     /// Connecting, connected, reconnecting, disconnected (final, with the reason).
     fn on_connection_state(&self, state: ConnectionState);
-    /// The device was too far behind to sync message by message: reload conversations and
-    /// page `history`. Events continue after `inbox_head`.
+    /// The device was too far behind to sync message by message, or ahead of a server whose
+    /// store was restored from a backup: reload conversations (they may now hold fewer or
+    /// other messages than shown) and page `history`. Events continue after `inbox_head`.
     fn on_sync_too_long(&self, inbox_head: u64);
 }
 

@@ -434,7 +434,22 @@ async fn sync_stream(
             body: Some(body),
         })),
     };
-    if head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
+    // A cursor above the head: the device saw entries this store does not have (it was
+    // restored from a backup, or lost its unsynced tail with `buffered` durability), and the
+    // inbox's sequence goes on below the cursor. Paging from the head would let the device
+    // take the new entries there for ones it has already seen and drop them; the answer
+    // "too long" makes it rewind to the head and resynchronise from conversation heads.
+    let behind_device = sync.since_inbox_seq > head;
+    if behind_device {
+        // Not a warning: any client can claim a cursor, and its log lines are not ours to flood.
+        debug!(
+            user = %session.user,
+            since = sync.since_inbox_seq,
+            head,
+            "a device's inbox cursor is ahead of the inbox: the store lost entries it had seen"
+        );
+    }
+    if behind_device || head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
         let mut heads = store.heads_of(&session.user)?;
         // Heads need ids and sequences, not member lists; and they must fit one frame.
         for head in &mut heads {
@@ -453,7 +468,7 @@ async fn sync_stream(
         session.push.go_live(head);
         return Ok(());
     }
-    let mut after = sync.since_inbox_seq.min(head);
+    let mut after = sync.since_inbox_seq;
     loop {
         let mut entries = store.read_inbox(&session.user, after, page)?;
         let mut complete = entries.len() < page;

@@ -280,3 +280,96 @@ async fn clients_reconnect_by_themselves_after_a_server_restart() {
         "{states:?}"
     );
 }
+
+/// A store restored from a backup (or one that lost its unsynced tail) has fewer inbox entries
+/// than a connected device saw, and numbers its new entries from its own head. The device
+/// must be told to rewind, not left to take the new entries for ones it had already seen.
+#[tokio::test]
+async fn a_device_ahead_of_a_restored_store_rewinds_and_gets_what_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = dir.path().join("data");
+    let backup = dir.path().join("backup");
+    let mut server = start(dir.path(), port);
+    let (alice, _alice_events) = connect_with(dir.path(), port, "alice", true).await;
+    let (_bob, mut bob_events) = connect_with(dir.path(), port, "bob", true).await;
+    let to_bob = |text: &'static str| {
+        let alice = &alice;
+        async move {
+            alice
+                .send(SendTarget::User("bob".into()), text, None)
+                .await
+                .unwrap()
+        }
+    };
+    to_bob("kept").await;
+    assert_eq!(next_message(&mut bob_events).await, (1, "kept".to_owned()));
+
+    // The backup: Bob's inbox holds one entry.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    copy_dir(&data, &backup);
+    server = start(dir.path(), port);
+    for text in ["lost 1", "lost 2", "lost 3"] {
+        to_bob(text).await;
+    }
+    for _ in 0..3 {
+        next_message(&mut bob_events).await;
+    }
+
+    // Restored: Bob's device has seen inbox entries 2 to 4, which the store no longer has.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&backup, &data).unwrap();
+    let _server = start(dir.path(), port);
+    // Bob's device reconnects by itself and is told to rewind to the store's head.
+    let rewound_to = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match bob_events.recv().await.unwrap() {
+                Event::SyncTooLong { inbox_head, .. } => return inbox_head,
+                Event::Message { message, .. } => panic!("unexpected message {message:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the device was not told that the store went back");
+    assert_eq!(rewound_to, 1);
+    let sent = to_bob("after the restore").await;
+    assert_eq!(sent.seq, 2, "the store numbers on from what it has");
+    // Inbox entry 2 again, which the device had seen before the restore as "lost 1".
+    assert_eq!(
+        next_message(&mut bob_events).await,
+        (2, "after the restore".to_owned())
+    );
+}
+
+async fn next_message(events: &mut tern_client::Events) -> (u64, String) {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Event::Message { message, .. } = event {
+            return (message.seq, message.text);
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
