@@ -97,6 +97,15 @@ pub struct Config {
     /// default maximum size at once; 1,000 a minute then is an admin adding people all day.
     pub member_additions_per_minute: u32,
     pub member_additions_burst: u32,
+    /// Messages a user may send per minute, over all their devices and conversations, after
+    /// a burst of `messages_burst`; 0 turns the limit off. Every message is stored for good
+    /// and fanned out by the one storage writer, so one user sending flat out would take the
+    /// disk and the writer's capacity from everyone else. 6,000 a minute (100 a second) is
+    /// far above a person and most bots; the burst of 1,000 covers a device sending what it
+    /// queued while offline. A send past it fails with `RATE_LIMITED` and how long to wait,
+    /// and stores nothing; a repeat of a message already stored is answered, not counted.
+    pub messages_per_minute: u32,
+    pub messages_burst: u32,
     /// Largest group whose members see each other's presence and typing. Both are one
     /// datagram per online member, on the runtime thread: in a group of 10,000 one presence
     /// change or typing event would be up to 10,000 datagrams, and a few active members
@@ -132,6 +141,8 @@ impl Default for Config {
             conversation_starts_burst: 200,
             member_additions_per_minute: 1_000,
             member_additions_burst: 10_000,
+            messages_per_minute: 6_000,
+            messages_burst: 1_000,
             presence_max_group_members: 256,
         }
     }

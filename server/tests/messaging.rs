@@ -837,6 +837,72 @@ async fn starting_conversations_is_rate_limited_per_user_with_a_typed_wait() {
 }
 
 #[tokio::test]
+async fn sending_messages_is_rate_limited_per_user_with_a_typed_wait() {
+    // Four at once, then one a second, per user over all their devices and conversations.
+    let server = TestServer::start_with(|c| {
+        c.messages_burst = 4;
+        c.messages_per_minute = 60;
+    })
+    .await;
+    let (alice, _a) = server.connect("alice", "phone").await;
+    let (alice_laptop, _l) = server.connect("alice", "laptop").await;
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    let first = alice
+        .send(SendTarget::User("bob".into()), "0", Some("app-id-0".into()))
+        .await
+        .unwrap();
+    for (i, peer) in [(1, "bob"), (2, "carol")] {
+        alice
+            .send(SendTarget::User(peer.into()), &i.to_string(), None)
+            .await
+            .unwrap();
+    }
+    alice_laptop
+        .send(SendTarget::User("bob".into()), "3", None)
+        .await
+        .unwrap();
+    for (client, peer) in [(&alice, "bob"), (&alice_laptop, "dave")] {
+        match client
+            .send(SendTarget::User(peer.into()), "over", None)
+            .await
+        {
+            Err(ClientError::Server {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            }) => assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}"),
+            other => panic!("expected RATE_LIMITED, got {other:?}"),
+        }
+    }
+    // A repeat of a stored message is answered, not refused: it stores nothing.
+    let repeat = alice
+        .send(SendTarget::User("bob".into()), "0", Some("app-id-0".into()))
+        .await
+        .unwrap();
+    assert!(repeat.duplicate);
+    assert_eq!(repeat.seq, first.seq);
+    // Other users are not limited.
+    bob.send(SendTarget::User("erin".into()), "hi", None)
+        .await
+        .unwrap();
+    // The refused sends stored nothing: Bob got 0, 1 and 3, and dave has no conversation.
+    let got = messages(&mut bob_events, 3, 10).await;
+    let texts: Vec<&str> = got.iter().map(|(m, _)| m.text.as_str()).collect();
+    assert_eq!(texts, ["0", "1", "3"]);
+    quiet(&mut bob_events, 300).await;
+    let (dave, _d) = server.connect("dave", "phone").await;
+    assert!(dave.conversations().await.unwrap().is_empty());
+    // A second later a token is back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let sent = alice
+        .send(SendTarget::User("bob".into()), "4", None)
+        .await
+        .unwrap();
+    assert_eq!(sent.seq, 4);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn adding_group_members_is_rate_limited_per_user_with_a_typed_wait() {
     // Five additions at once, then one a second; group starts are not the limit here.
     let server = TestServer::start_with(|c| {

@@ -28,6 +28,7 @@ impl Writer {
         let now = std::time::Instant::now();
         self.starts.trim(limit, now);
         self.additions.trim(limit, now);
+        self.sends.trim(limit, now);
         self.scan_budgets.trim(limit, now);
         if self.inbox_heads.len() > limit {
             let before = self.inbox_heads.len();

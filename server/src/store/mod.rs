@@ -164,6 +164,10 @@ pub struct StoreLimits {
     /// owner), and at once; 0 per minute: no limit.
     pub member_additions_per_minute: u32,
     pub member_additions_burst: u32,
+    /// Messages a user may send per minute, and at once (`store/rate.rs`); 0 per minute: no
+    /// limit.
+    pub messages_per_minute: u32,
+    pub messages_burst: u32,
 }
 
 impl StoreLimits {
@@ -178,6 +182,8 @@ impl StoreLimits {
             conversation_starts_burst: config.conversation_starts_burst,
             member_additions_per_minute: config.member_additions_per_minute,
             member_additions_burst: config.member_additions_burst,
+            messages_per_minute: config.messages_per_minute,
+            messages_burst: config.messages_burst,
         }
     }
 
@@ -189,6 +195,7 @@ impl StoreLimits {
             durability,
             conversation_starts_per_minute: 0,
             member_additions_per_minute: 0,
+            messages_per_minute: 0,
             ..Self::from_config(&crate::Config::default())
         }
     }

@@ -1,13 +1,13 @@
-//! How fast each user may start conversations and add group members.
+//! How fast each user may start conversations, add group members and send messages.
 //!
 //! Every conversation, and every member of a group, is stored for good and cached while in
 //! use, so an unlimited rate would let one client fill disk and memory by messaging made-up
-//! users, creating groups, or adding made-up members to its groups. Each user has a token
-//! bucket per kind: a burst at once, refilled at a rate per minute. An operation past it fails
-//! with `RATE_LIMITED` and the time until enough tokens are back, writing nothing; sends in
-//! existing conversations are not limited.
+//! users, creating groups, or adding made-up members to its groups. Every message is stored
+//! for good too, and goes through the one storage writer, so one user sending flat out would
+//! take the disk and the writer from everyone else. Each user has a token bucket per kind: a
+//! burst at once, refilled at a rate per minute. An operation past it fails with
+//! `RATE_LIMITED` and the time until enough tokens are back, writing nothing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ pub(super) struct TokenBuckets {
     what: &'static str,
     per_minute: u32,
     burst: u32,
-    users: HashMap<Arc<str>, Bucket>,
+    users: crate::FastMap<Arc<str>, Bucket>,
 }
 
 #[derive(Debug)]
@@ -36,7 +36,7 @@ impl TokenBuckets {
             what,
             per_minute,
             burst: burst.max(1),
-            users: HashMap::new(),
+            users: crate::FastMap::default(),
         }
     }
 

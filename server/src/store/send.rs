@@ -46,6 +46,25 @@ impl Writer {
         if let Some(outcome) = self.find_original(sender, &msg)? {
             return Ok(outcome);
         }
+        self.sends.take(sender, std::time::Instant::now())?;
+        let stored = self.store_new(sender, device, target, msg, batch);
+        if stored.is_err() {
+            // Refused for another reason: it stored nothing, so it costs nothing.
+            self.sends.give_back(sender, 1);
+        }
+        stored
+    }
+
+    /// Stores a send that is not a repeat: its conversation (started if direct and new), its
+    /// sequence, log entry and inbox references.
+    fn store_new(
+        &mut self,
+        sender: &Arc<str>,
+        device: &Arc<str>,
+        target: Target,
+        msg: pb::SendMessage,
+        batch: &mut WriteBatch,
+    ) -> Result<SendOutcome, StoreError> {
         let scope = msg.id_scope();
         let conv_id = match &target {
             Target::Conversation(id) => id.clone(),

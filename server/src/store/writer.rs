@@ -62,6 +62,11 @@ pub(super) fn spawn(
         limits.member_additions_per_minute,
         limits.member_additions_burst,
     );
+    let sends = TokenBuckets::new(
+        "messages",
+        limits.messages_per_minute,
+        limits.messages_burst,
+    );
     let writer = Writer {
         db,
         ks,
@@ -74,6 +79,7 @@ pub(super) fn spawn(
         scan_budgets: dedup::ScanBudgets::default(),
         starts,
         additions,
+        sends,
         group: Group::default(),
         failed,
         handoff,
@@ -198,6 +204,8 @@ pub(super) struct Writer {
     pub starts: TokenBuckets,
     /// Per user, how many members they may add to groups now ([`super::rate`]).
     pub additions: TokenBuckets,
+    /// Per user, how many messages they may send now ([`super::rate`]).
+    pub sends: TokenBuckets,
     pub group: Group,
     /// A commit or fsync failed: every later command is refused.
     pub failed: Arc<AtomicBool>,
