@@ -4,15 +4,16 @@
 //! they interleave out of inbox order. The tracker keeps the contiguous cursor (everything at or
 //! below it received), the received sequences above it, and since when a gap has been open.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub(crate) struct InboxTracker {
     cursor: u64,
     /// Entries reported as events that the app has not taken from the channel yet: they are
-    /// not acknowledged, so a crash of the app cannot lose them.
-    unconsumed: BTreeSet<u64>,
+    /// not acknowledged, so a crash of the app cannot lose them. Counted: after a rewind
+    /// ([`InboxTracker::rewind_to`]) an old event and a new one can share a sequence.
+    unconsumed: BTreeMap<u64, u32>,
     above: BTreeSet<u64>,
     gap_since: Option<Instant>,
     acked: u64,
@@ -25,7 +26,7 @@ impl InboxTracker {
             above: BTreeSet::new(),
             gap_since: None,
             acked: cursor,
-            unconsumed: BTreeSet::new(),
+            unconsumed: BTreeMap::new(),
         }
     }
 
@@ -45,18 +46,22 @@ impl InboxTracker {
         true
     }
 
-    /// Moves the cursor to the server's inbox head after a "too long" sync answer: forward
-    /// past entries the server will not send, or back when the server has fewer entries than
-    /// this device saw (its store was restored, or lost its unsynced tail), since its sequence
-    /// goes on from its head and the new entries there must not pass for ones already seen.
-    pub(crate) fn reset_to(&mut self, seq: u64) {
+    /// Moves the cursor back to the server's inbox head, after a "too long" answer that says
+    /// the device is ahead of it: the store lost entries this device saw (it was restored),
+    /// numbers new ones from its head again, and those must not pass for ones already seen.
+    /// Events of the old numbering the app has not taken yet stay held until it takes them.
+    pub(crate) fn rewind_to(&mut self, seq: u64) {
         if seq < self.cursor {
             self.cursor = seq;
             self.above.clear();
             self.gap_since = None;
-            self.unconsumed.retain(|&held| held <= seq);
             self.acked = self.acked.min(seq);
-        } else if seq > self.cursor {
+        }
+    }
+
+    /// Jumps the cursor forward (after a "too long" sync answer).
+    pub(crate) fn reset_to(&mut self, seq: u64) {
+        if seq > self.cursor {
             self.cursor = seq;
             self.above = self.above.split_off(&(seq + 1));
             while self.above.remove(&(self.cursor + 1)) {
@@ -76,20 +81,25 @@ impl InboxTracker {
     /// Everything at or below this was received and taken by the app: what is acknowledged,
     /// and where a restarted app resumes.
     pub(crate) fn processed(&self) -> u64 {
-        match self.unconsumed.first() {
-            Some(first) => self.cursor.min(first - 1),
+        match self.unconsumed.first_key_value() {
+            Some((first, _)) => self.cursor.min(first - 1),
             None => self.cursor,
         }
     }
 
     /// `seq` is about to be reported as an event.
     pub(crate) fn hold(&mut self, seq: u64) {
-        self.unconsumed.insert(seq);
+        *self.unconsumed.entry(seq).or_default() += 1;
     }
 
     /// The app took the event of `seq`.
     pub(crate) fn consumed(&mut self, seq: u64) {
-        self.unconsumed.remove(&seq);
+        if let Some(count) = self.unconsumed.get_mut(&seq) {
+            *count -= 1;
+            if *count == 0 {
+                self.unconsumed.remove(&seq);
+            }
+        }
     }
 
     /// The cursor, if a gap has been open for longer than `patience`.
@@ -119,7 +129,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_head_below_the_cursor_rewinds_it_so_new_entries_there_are_new() {
+    fn a_rewind_makes_new_entries_at_old_numbers_new_and_holds_old_events() {
         let mut t = InboxTracker::new(0);
         for seq in [1, 2, 3, 5] {
             assert!(t.accept(seq));
@@ -128,16 +138,29 @@ mod tests {
         t.consumed(1);
         t.consumed(2);
         assert_eq!(t.take_ack(), Some(2));
-        // The server's store went back to 1: its next entries are 2, 3, ... again.
+        // A forward-only reset does not move back.
         t.reset_to(1);
+        assert_eq!(t.cursor(), 3);
+        // The server's store went back to 1: its next entries are 2, 3, ... again.
+        t.rewind_to(1);
         assert_eq!(t.cursor(), 1);
         assert!(t.stale_gap(Duration::ZERO).is_none());
-        assert!(t.accept(2));
-        assert!(t.accept(3));
-        assert!(t.accept(4));
-        assert!(t.accept(5));
+        for seq in 2..=5 {
+            assert!(t.accept(seq));
+            t.hold(seq);
+        }
         assert_eq!(t.cursor(), 5);
-        // Entries of the old sequence the app had not taken hold nothing back.
+        // The old events 3 and 5 are still in the app's channel, ahead of the new ones.
+        assert_eq!(t.processed(), 1);
+        assert_eq!(t.take_ack(), None);
+        for seq in [3, 5] {
+            t.consumed(seq);
+        }
+        // Taking old 3 did not release new 3: the app has not seen it yet.
+        assert_eq!(t.processed(), 1);
+        for seq in 2..=5 {
+            t.consumed(seq);
+        }
         assert_eq!(t.processed(), 5);
         assert_eq!(t.take_ack(), Some(5));
     }

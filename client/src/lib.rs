@@ -265,6 +265,10 @@ pub(crate) struct Inner {
     /// as soon as its last page is out) are reported after the synced entries, not among
     /// them: each conversation's events stay in order.
     pub sync_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Inbox sequences of this device's own sends acknowledged while a link's first sync
+    /// runs (`Some` until it ends). Recorded after it: if that sync rewinds the cursor
+    /// (a restored store), they belong to the new numbering and must not be forgotten.
+    pub own_acks_before_sync: Mutex<Option<Vec<u64>>>,
     pub user: String,
     pub device: String,
     /// Client message ids this device is sending now: their messages reach the app through
@@ -383,6 +387,7 @@ impl Client {
             pending_heartbeats: Mutex::default(),
             next_nonce: AtomicU64::new(1),
             sync_gate: Arc::new(tokio::sync::RwLock::new(())),
+            own_acks_before_sync: Mutex::default(),
             user: first.link.session.user.clone(),
             device: first.link.session.device.clone(),
             sending: Mutex::default(),
@@ -425,6 +430,8 @@ impl Client {
 
     /// The highest inbox sequence up to which the app has taken every event (from
     /// [`Events`]). Persist it and pass it back as `resume_from` to resume exactly there.
+    /// It can move back: after [`Event::SyncTooLong`] for a server whose store was restored,
+    /// so persist the latest value, not the highest seen.
     pub fn inbox_cursor(&self) -> u64 {
         lock(&self.inner.inbox).processed()
     }

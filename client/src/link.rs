@@ -272,6 +272,10 @@ async fn serve(inner: &Arc<Inner>, established: Established) -> ClientError {
         zero_rtt,
     } = established;
     *lock(&inner.last_link) = Some(link.clone());
+    if inner.config.auto_sync {
+        // Kept if a link died before its first sync ended: the next one's sync records them.
+        lock(&inner.own_acks_before_sync).get_or_insert_with(Vec::new);
+    }
     inner.link.send_replace(LinkState::Up(link.clone()));
     inner
         .emit(Event::Connection(ConnectionState::Connected))
@@ -381,6 +385,7 @@ async fn keep_in_sync(
             }
         }
     };
+    inner.first_sync_ended();
     drop(gate);
     if first.is_err() {
         // A link that cannot sync is of no use: let the supervisor make a new one.

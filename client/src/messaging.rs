@@ -303,7 +303,7 @@ impl Client {
             )));
         }
         // The server does not push our own message back to this device.
-        lock(&self.inner.inbox).accept(ack.inbox_seq);
+        self.inner.record_own_ack(ack.inbox_seq);
         Ok(SentMessage {
             message_id: ack.message_id,
             conversation_id: ack.conversation_id,
@@ -596,7 +596,11 @@ impl Inner {
                     }
                 }
                 response::Body::SyncTooLong(too_long) => {
-                    lock(&self.inbox).reset_to(too_long.inbox_head);
+                    if too_long.device_ahead {
+                        lock(&self.inbox).rewind_to(too_long.inbox_head);
+                    } else {
+                        lock(&self.inbox).reset_to(too_long.inbox_head);
+                    }
                     result.inbox_head = too_long.inbox_head;
                     if emit {
                         let event = Event::SyncTooLong {
@@ -610,6 +614,27 @@ impl Inner {
                 }
                 other => return Err(unexpected(other)),
             }
+        }
+    }
+
+    /// Records the inbox sequence of this device's acknowledged send, after the link's first
+    /// sync if that is still running.
+    pub(crate) fn record_own_ack(&self, inbox_seq: u64) {
+        let mut deferred = lock(&self.own_acks_before_sync);
+        match deferred.as_mut() {
+            Some(acks) => acks.push(inbox_seq),
+            None => {
+                lock(&self.inbox).accept(inbox_seq);
+            }
+        }
+    }
+
+    /// The link's first sync has ended: record the own acks that waited for it.
+    pub(crate) fn first_sync_ended(&self) {
+        let acks = lock(&self.own_acks_before_sync).take();
+        let mut inbox = lock(&self.inbox);
+        for seq in acks.into_iter().flatten() {
+            inbox.accept(seq);
         }
     }
 

@@ -439,8 +439,8 @@ async fn sync_stream(
     // inbox's sequence goes on below the cursor. Paging from the head would let the device
     // take the new entries there for ones it has already seen and drop them; the answer
     // "too long" makes it rewind to the head and resynchronise from conversation heads.
-    let behind_device = sync.since_inbox_seq > head;
-    if behind_device {
+    let device_ahead = sync.since_inbox_seq > head;
+    if device_ahead {
         // Not a warning: any client can claim a cursor, and its log lines are not ours to flood.
         debug!(
             user = %session.user,
@@ -449,7 +449,7 @@ async fn sync_stream(
             "a device's inbox cursor is ahead of the inbox: the store lost entries it had seen"
         );
     }
-    if behind_device || head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
+    if device_ahead || head.saturating_sub(sync.since_inbox_seq) > state.config.sync_limit {
         let mut heads = store.heads_of(&session.user)?;
         // Heads need ids and sequences, not member lists; and they must fit one frame.
         for head in &mut heads {
@@ -461,6 +461,7 @@ async fn sync_stream(
         let frame = respond(response::Body::SyncTooLong(pb::SyncTooLong {
             inbox_head: head,
             heads,
+            device_ahead,
         }));
         write_frame(send, &frame, max)
             .await

@@ -295,8 +295,17 @@ async fn a_device_ahead_of_a_restored_store_rewinds_and_gets_what_follows() {
     let data = dir.path().join("data");
     let backup = dir.path().join("backup");
     let mut server = start(dir.path(), port);
-    let (alice, _alice_events) = connect_with(dir.path(), port, "alice", true).await;
-    let (_bob, mut bob_events) = connect_with(dir.path(), port, "bob", true).await;
+    let (alice, mut alice_events) = connect_with(dir.path(), port, "alice", true).await;
+    let (bob, mut bob_events) = connect_with(dir.path(), port, "bob", true).await;
+    // The clients would notice a dead server at their next packet's loss or keep-alive
+    // (up to 25 s idle); drop their connections when it dies, and they reconnect by themselves.
+    let server_died = || {
+        for client in [&alice, &bob] {
+            if let Some(conn) = client.connection() {
+                conn.close(0u32.into(), b"server killed");
+            }
+        }
+    };
     let to_bob = |text: &'static str| {
         let alice = &alice;
         async move {
@@ -312,8 +321,10 @@ async fn a_device_ahead_of_a_restored_store_rewinds_and_gets_what_follows() {
     // The backup: Bob's inbox holds one entry.
     server.0.kill().unwrap();
     server.0.wait().unwrap();
+    server_died();
     copy_dir(&data, &backup);
     server = start(dir.path(), port);
+    reconnected(&mut alice_events).await;
     for text in ["lost 1", "lost 2", "lost 3"] {
         to_bob(text).await;
     }
@@ -324,9 +335,11 @@ async fn a_device_ahead_of_a_restored_store_rewinds_and_gets_what_follows() {
     // Restored: Bob's device has seen inbox entries 2 to 4, which the store no longer has.
     server.0.kill().unwrap();
     server.0.wait().unwrap();
+    server_died();
     std::fs::remove_dir_all(&data).unwrap();
     std::fs::rename(&backup, &data).unwrap();
     let _server = start(dir.path(), port);
+    reconnected(&mut alice_events).await;
     // Bob's device reconnects by itself and is told to rewind to the store's head.
     let rewound_to = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -347,6 +360,22 @@ async fn a_device_ahead_of_a_restored_store_rewinds_and_gets_what_follows() {
         next_message(&mut bob_events).await,
         (2, "after the restore".to_owned())
     );
+}
+
+/// Waits for the client to have lost its connection and made a new one.
+async fn reconnected(events: &mut tern_client::Events) {
+    let mut lost = false;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.recv().await.unwrap() {
+                Event::Connection(ConnectionState::Reconnecting { .. }) => lost = true,
+                Event::Connection(ConnectionState::Connected) if lost => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the client did not reconnect");
 }
 
 async fn next_message(events: &mut tern_client::Events) -> (u64, String) {

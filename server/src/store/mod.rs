@@ -1,10 +1,10 @@
 //! Durable storage in fjall: conversation logs, per-user inboxes, membership, idempotency,
 //! cursors and receipt marks. See ARCHITECTURE.md, "Storage layout".
 //!
-//! All writes go through one writer thread (`store/writer.rs`), which assigns sequences, commits many
-//! operations per fsync (group commit) and only then answers. Readers read fjall directly but
-//! never past the heads the writer has published as durable, so a device can never see an
-//! entry that a crash could take back.
+//! All writes go through one writer thread (`store/writer.rs`), which assigns sequences,
+//! commits many operations per fsync (group commit) and only then answers. Readers read fjall
+//! directly but never past the heads the writer has published as durable, so a device can
+//! never see an entry that a crash could take back.
 
 mod acks;
 mod cache;
