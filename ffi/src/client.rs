@@ -115,7 +115,8 @@ impl TernClient {
     }
 
     /// The inbox sequence up to which the listener has been given every event. Save it and
-    /// pass it as `TernConfig.resume_from` to resume exactly there.
+    /// pass it as `TernConfig.resume_from` to resume exactly there. It can move back after
+    /// `on_sync_too_long` (a server whose store was restored): save the latest value.
     pub fn inbox_cursor(&self) -> u64 {
         self.client.inbox_cursor()
     }
