@@ -38,6 +38,15 @@ fn start(dir: &Path, port: u16) -> Server {
     )
 }
 
+/// A UDP port nothing listens on now, for a server that is started and restarted on it.
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn log_file(dir: &Path) -> Stdio {
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     std::fs::File::create(dir.join(format!("server-{n}.log"))).map_or(Stdio::null(), Stdio::from)
@@ -105,11 +114,7 @@ async fn survive_sigkill(config: Option<&str>) {
     if let Some(config) = config {
         std::fs::write(dir.path().join("tern.toml"), config).unwrap();
     }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = start(dir.path(), port);
     let (alice, _alice_events) = connect(dir.path(), port, "alice").await;
     let alice = Arc::new(alice);
@@ -193,11 +198,7 @@ async fn survive_sigkill(config: Option<&str>) {
 #[tokio::test]
 async fn clients_reconnect_by_themselves_after_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = start(dir.path(), port);
     let (alice, mut alice_events) = connect_with(dir.path(), port, "alice", true).await;
     let (bob, mut bob_events) = connect_with(dir.path(), port, "bob", true).await;
@@ -287,11 +288,7 @@ async fn clients_reconnect_by_themselves_after_a_server_restart() {
 #[tokio::test]
 async fn a_device_ahead_of_a_restored_store_rewinds_and_gets_what_follows() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let data = dir.path().join("data");
     let backup = dir.path().join("backup");
     let mut server = start(dir.path(), port);
