@@ -266,9 +266,10 @@ pub(crate) struct Inner {
     /// them: each conversation's events stay in order.
     pub sync_gate: Arc<tokio::sync::RwLock<()>>,
     /// Inbox sequences of this device's own sends acknowledged while a link's first sync
-    /// runs (`Some` until it ends). Recorded after it: if that sync rewinds the cursor
-    /// (a restored store), they belong to the new numbering and must not be forgotten.
-    pub own_acks_before_sync: Mutex<Option<Vec<u64>>>,
+    /// runs (`Some` until it ends), with the connection (`stable_id`) that acknowledged each.
+    /// They are recorded at once too; if that sync rewinds the cursor (a restored store),
+    /// those of its own connection are in the new numbering and are recorded again.
+    pub own_acks_before_sync: Mutex<Option<Vec<(usize, u64)>>>,
     pub user: String,
     pub device: String,
     /// Client message ids this device is sending now: their messages reach the app through

@@ -273,8 +273,7 @@ async fn serve(inner: &Arc<Inner>, established: Established) -> ClientError {
     } = established;
     *lock(&inner.last_link) = Some(link.clone());
     if inner.config.auto_sync {
-        // Kept if a link died before its first sync ended: the next one's sync records them.
-        lock(&inner.own_acks_before_sync).get_or_insert_with(Vec::new);
+        *lock(&inner.own_acks_before_sync) = Some(Vec::new());
     }
     inner.link.send_replace(LinkState::Up(link.clone()));
     inner

@@ -303,7 +303,8 @@ impl Client {
             )));
         }
         // The server does not push our own message back to this device.
-        self.inner.record_own_ack(ack.inbox_seq);
+        self.inner
+            .record_own_ack(link.conn.stable_id(), ack.inbox_seq);
         Ok(SentMessage {
             message_id: ack.message_id,
             conversation_id: ack.conversation_id,
@@ -597,7 +598,7 @@ impl Inner {
                 }
                 response::Body::SyncTooLong(too_long) => {
                     if too_long.device_ahead {
-                        lock(&self.inbox).rewind_to(too_long.inbox_head);
+                        self.rewind_to(too_long.inbox_head);
                     } else {
                         lock(&self.inbox).reset_to(too_long.inbox_head);
                     }
@@ -617,25 +618,31 @@ impl Inner {
         }
     }
 
-    /// Records the inbox sequence of this device's acknowledged send, after the link's first
-    /// sync if that is still running.
-    pub(crate) fn record_own_ack(&self, inbox_seq: u64) {
-        let mut deferred = lock(&self.own_acks_before_sync);
-        match deferred.as_mut() {
-            Some(acks) => acks.push(inbox_seq),
-            None => {
-                lock(&self.inbox).accept(inbox_seq);
-            }
+    /// Records the inbox sequence of this device's acknowledged send (acknowledged on the
+    /// connection `conn_id`). A sync page with the entry then finds it received.
+    pub(crate) fn record_own_ack(&self, conn_id: usize, inbox_seq: u64) {
+        if let Some(acks) = lock(&self.own_acks_before_sync).as_mut() {
+            acks.push((conn_id, inbox_seq));
+        }
+        lock(&self.inbox).accept(inbox_seq);
+    }
+
+    /// Moves the cursor back to a restored store's head, then records again this device's own
+    /// sends that the current connection acknowledged during its first sync: they are in the
+    /// store's new numbering, and may have been taken for old entries before the rewind.
+    fn rewind_to(&self, inbox_head: u64) {
+        let conn_id = self.current().ok().map(|link| link.conn.stable_id());
+        let acks = lock(&self.own_acks_before_sync).clone().unwrap_or_default();
+        let mut inbox = lock(&self.inbox);
+        inbox.rewind_to(inbox_head);
+        for (_, seq) in acks.iter().filter(|(id, _)| Some(*id) == conn_id) {
+            inbox.accept(*seq);
         }
     }
 
-    /// The link's first sync has ended: record the own acks that waited for it.
+    /// The link's first sync has ended: own acks are no longer kept for a rewind.
     pub(crate) fn first_sync_ended(&self) {
-        let acks = lock(&self.own_acks_before_sync).take();
-        let mut inbox = lock(&self.inbox);
-        for seq in acks.into_iter().flatten() {
-            inbox.accept(seq);
-        }
+        *lock(&self.own_acks_before_sync) = None;
     }
 
     /// Records an entry; reports it as an event if it is new and `emit`. Returns whether new.
