@@ -225,10 +225,8 @@ fn original(
     seq: u64,
     sender_inbox_seq: u64,
 ) -> Result<SendOutcome, StoreError> {
-    let stored = ks_log
-        .get(seq_key(conversation, seq))?
+    let stored = super::log::get(ks_log, conversation, seq)?
         .ok_or_else(|| StoreError::NotFound(format!("message {conversation}/{seq}")))?;
-    let stored = pb::Message::decode(&*stored)?;
     Ok(SendOutcome {
         message: pb::Message {
             text: String::new(),

@@ -4,7 +4,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use fjall::OwnedWriteBatch as WriteBatch;
-use prost::Message as _;
 use rand::RngCore;
 use tern_protocol::ids::validate_id;
 use tern_protocol::pb::{
@@ -13,7 +12,7 @@ use tern_protocol::pb::{
 
 use super::StoreError;
 use super::handle::GroupOp;
-use super::keys::{mark_key, pair_key, seq_key};
+use super::keys::{mark_key, pair_key};
 use super::writer::{Conv, Writer};
 use crate::auth::unix_now_ms;
 
@@ -320,12 +319,11 @@ impl Writer {
         }
         let from = (old + 1).max(up_to.saturating_sub(RECEIPT_SCAN_LIMIT) + 1);
         let mut senders: BTreeSet<Arc<str>> = BTreeSet::new();
-        for guard in self.ks.log.range(seq_key(&id, from)..=seq_key(&id, up_to)) {
-            let message = pb::Message::decode(&*guard.value()?)?;
+        super::log::read(&self.ks.log, &id, from, up_to, |message| {
             if message.sender != **user {
                 senders.insert(Arc::from(message.sender));
             }
-        }
+        })?;
         senders.insert(user.clone());
         // Former members hear nothing more from the group, receipts included.
         if let Some(conv) = self.convs.get(&id) {

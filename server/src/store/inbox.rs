@@ -45,6 +45,8 @@ pub(super) enum Stored<'a> {
     Body(&'a pb::inbox_entry::Body),
 }
 
+/// What a new chunk reserves: about ten message references.
+const CHUNK_START: usize = 512;
 /// `InboxChunk.entries`, `InboxEntry.inbox_seq` and `InboxEntry.message`.
 const ENTRIES_TAG: u32 = 1;
 const INBOX_SEQ_TAG: u32 = 1;
@@ -68,7 +70,10 @@ impl ChunkBuf {
         };
         let entry_len = seq_len + body_len;
         let out = &mut self.bytes;
-        out.reserve(key_len(ENTRIES_TAG) + encoded_len_varint(entry_len as u64) + entry_len);
+        let needed = key_len(ENTRIES_TAG) + encoded_len_varint(entry_len as u64) + entry_len;
+        // A new chunk makes room for a group's worth of references at once, rather than being
+        // reallocated and copied entry by entry.
+        out.reserve(if out.is_empty() { needed.max(CHUNK_START) } else { needed });
         encode_key(ENTRIES_TAG, WireType::LengthDelimited, out);
         encode_varint(entry_len as u64, out);
         if inbox_seq != 0 {

@@ -15,6 +15,7 @@ mod groups;
 mod handle;
 mod inbox;
 mod keys;
+mod log;
 mod rate;
 mod reads;
 mod send;
@@ -95,7 +96,8 @@ pub(crate) struct Keyspaces {
     pub members: Keyspace,
     /// user 0x00 conversation → empty: the conversations of a user.
     pub user_convs: Keyspace,
-    /// conversation 0x00 seq → `pb::Message`.
+    /// conversation 0x00 last seq → [`log::LogChunk`] (after a zero byte): one group's messages
+    /// of the conversation; a record without the zero byte is one `pb::Message`.
     pub log: Keyspace,
     /// user 0x00 last inbox_seq → [`inbox::InboxChunk`]: one group's entries for the user
     /// (messages by reference).

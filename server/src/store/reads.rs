@@ -3,7 +3,7 @@
 use prost::Message as _;
 use tern_protocol::pb::{self, MemberRole, ReceiptKind};
 
-use super::keys::{self, mark_key, pair_key, prefix, seq_key};
+use super::keys::{self, mark_key, pair_key, prefix};
 use super::{Store, StoreError};
 
 impl Store {
@@ -54,9 +54,17 @@ impl Store {
                     if m.sender == user && m.sender_device == device)
             });
         }
+        let mut resolver = super::log::Resolver::new(&self.ks.log);
         for entry in &mut entries {
             if let Some(pb::inbox_entry::Body::Message(reference)) = &entry.body {
-                let message = self.message(&reference.conversation_id, reference.seq)?;
+                let message = resolver
+                    .get(&reference.conversation_id, reference.seq)?
+                    .ok_or_else(|| {
+                        StoreError::NotFound(format!(
+                            "message {}/{}",
+                            reference.conversation_id, reference.seq
+                        ))
+                    })?;
                 entry.body = Some(pb::inbox_entry::Body::Message(message));
             }
         }
@@ -65,12 +73,8 @@ impl Store {
 
     /// One stored message.
     pub fn message(&self, conversation: &str, seq: u64) -> Result<pb::Message, StoreError> {
-        let value = self
-            .ks
-            .log
-            .get(seq_key(conversation, seq))?
-            .ok_or_else(|| StoreError::NotFound(format!("message {conversation}/{seq}")))?;
-        Ok(pb::Message::decode(&*value)?)
+        super::log::get(&self.ks.log, conversation, seq)?
+            .ok_or_else(|| StoreError::NotFound(format!("message {conversation}/{seq}")))
     }
 
     /// The durable last sequence of a conversation.
@@ -191,19 +195,7 @@ impl Store {
         } else {
             before.saturating_sub(1).min(head)
         };
-        let mut messages = Vec::new();
-        if end == 0 {
-            return Ok((messages, false));
-        }
-        for guard in self
-            .ks
-            .log
-            .range(seq_key(conversation, 1)..=seq_key(conversation, end))
-            .rev()
-            .take(limit)
-        {
-            messages.push(pb::Message::decode(&*guard.value()?)?);
-        }
+        let messages = super::log::read_back(&self.ks.log, conversation, end, limit)?;
         let has_more = messages.last().is_some_and(|m| m.seq > 1);
         Ok((messages, has_more))
     }

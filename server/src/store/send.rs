@@ -11,7 +11,8 @@ use super::StoreError;
 use super::dedup;
 use super::handle::{SendOutcome, Target};
 use super::inbox::Stored;
-use super::keys::{pair_key, seq_key};
+use super::keys::pair_key;
+use super::log;
 use super::writer::{Conv, Writer};
 
 /// The answer to a repeat of the send that had `outcome`.
@@ -143,11 +144,13 @@ impl Writer {
             sent_at_ms,
             ..reference
         };
-        batch.insert(
-            &self.ks.log,
-            seq_key(&conv_id, seq),
-            message.encode_to_vec(),
-        );
+        let chunk = self.group.log_chunks.entry(conv_arc.clone()).or_default();
+        chunk.push(&message);
+        if chunk.len() >= log::CHUNK_BYTES
+            && let Some((key, value)) = chunk.take_record(&conv_id)
+        {
+            batch.insert(&self.ks.log, key, value);
+        }
         // Delivery gets the message itself, shared by every member: pushers need not read
         // back what was just written.
         let delivered = Arc::new(pb::inbox_entry::Body::Message(message));

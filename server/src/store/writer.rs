@@ -24,6 +24,7 @@ use super::dedup;
 use super::handle::{Command, Reply, SendOutcome, WriterHandle};
 use super::inbox::{ChunkBuf, Stored};
 use super::keys::{self, prefix};
+use super::log::LogChunkBuf;
 use super::rate::TokenBuckets;
 use super::{Keyspaces, Published, StoreError, StoreLimits};
 use crate::delivery::{Delivery, NewEntry};
@@ -168,6 +169,9 @@ pub(super) struct Group {
     /// Each user's inbox entries of this group, as stored: one record per user at the end
     /// ([`super::inbox`]).
     pub chunks: FastMap<Arc<str>, ChunkBuf>,
+    /// Each conversation's messages of this group, as stored: one record per conversation
+    /// at the end ([`super::log`]).
+    pub log_chunks: FastMap<Arc<str>, LogChunkBuf>,
     pub replies: Vec<DeferredReply>,
     /// Users whose contacts may have changed in this group ([`super::contacts`]).
     pub contacts_changed: Vec<Arc<str>>,
@@ -182,6 +186,7 @@ impl Group {
         self.idem.clear();
         self.u64s.clear();
         self.chunks.clear();
+        self.log_chunks.clear();
         self.replies.clear();
         self.contacts_changed.clear();
     }
@@ -237,6 +242,11 @@ impl Writer {
             for (user, chunk) in self.group.chunks.drain() {
                 if let Some((key, value)) = chunk.into_record(&user) {
                     batch.insert(&self.ks.inbox, key, value);
+                }
+            }
+            for (conv, mut chunk) in self.group.log_chunks.drain() {
+                if let Some((key, value)) = chunk.take_record(&conv) {
+                    batch.insert(&self.ks.log, key, value);
                 }
             }
             let wrote = !batch.is_empty();
