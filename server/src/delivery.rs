@@ -173,13 +173,18 @@ impl PushState {
 /// Pushes a session's new inbox entries until the connection closes.
 pub async fn push_loop(state: Arc<ServerState>, session: Arc<Session>) {
     let push = &session.push;
+    // One wait for the close, not a new one (a waiter registered under the connection's lock)
+    // on every round.
+    let conn = session.conn.clone();
+    let closed = conn.closed();
+    tokio::pin!(closed);
     let mut pushed = loop {
         if let Some(from) = push.lock().live_from {
             break from;
         }
         tokio::select! {
             () = push.wake.notified() => {}
-            _ = session.conn.closed() => return,
+            _ = &mut closed => return,
         }
     };
     debug!(from = pushed, "session live");
@@ -214,7 +219,7 @@ pub async fn push_loop(state: Arc<ServerState>, session: Arc<Session>) {
         }
         tokio::select! {
             () = push.wake.notified() => {}
-            _ = session.conn.closed() => return,
+            _ = &mut closed => return,
         }
     }
 }

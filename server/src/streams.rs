@@ -267,7 +267,12 @@ async fn conversation_stream(
             }
         }
     };
-    tokio::join!(acks, reads);
+    // The answers are written by their own task: joined in one task, every packet of sends
+    // also polled the answer queue, and every answer polled the stream for more sends (a
+    // lock of the connection each), which showed in the runtime's profile.
+    let acks = tokio::spawn(acks);
+    reads.await;
+    let _ = acks.await;
 }
 
 /// The answer to one send: its `SendAck`, or an `Error` (`None`: the writer is gone).
