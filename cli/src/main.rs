@@ -77,7 +77,6 @@ enum Command {
     /// Create and manage groups.
     #[command(subcommand)]
     Group(GroupCommand),
-    /// Print a page of a conversation's messages, newest first.
     /// Publish this device's presence to everyone who shares a conversation with you.
     Presence {
         #[arg(value_parser = ["online", "away"])]
@@ -85,6 +84,7 @@ enum Command {
     },
     /// Show "typing…" in a conversation for a few seconds.
     Typing { conversation_id: String },
+    /// Print a page of a conversation's messages, newest first.
     History {
         conversation_id: String,
         /// Only messages before this sequence (0: from the newest).
