@@ -102,6 +102,27 @@ impl InboxTracker {
         }
     }
 
+    /// The event of `seq` was held but never reached the app: the task reporting it was
+    /// cancelled (a link's tasks are aborted when its connection drops) while the app's channel
+    /// was full. Releases the hold and makes `seq` not received, so that the next sync, which
+    /// starts at the cursor, fetches it again; entries above it stay received and are not
+    /// reported twice. Without this the hold stayed for the client's life, and nothing past
+    /// it was ever acknowledged.
+    pub(crate) fn forget(&mut self, seq: u64) {
+        self.consumed(seq);
+        if seq > self.cursor {
+            self.above.remove(&seq);
+        } else if seq > 0 {
+            self.above.extend(seq + 1..=self.cursor);
+            self.cursor = seq - 1;
+        }
+        if self.above.is_empty() {
+            self.gap_since = None;
+        } else if self.gap_since.is_none() {
+            self.gap_since = Some(Instant::now());
+        }
+    }
+
     /// The cursor, if a gap has been open for longer than `patience`.
     pub(crate) fn stale_gap(&self, patience: Duration) -> Option<u64> {
         self.gap_since
@@ -127,6 +148,41 @@ impl InboxTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_event_is_fetched_again_and_nothing_above_it_twice() {
+        let mut t = InboxTracker::new(0);
+        for seq in 1..=5 {
+            assert!(t.accept(seq));
+            t.hold(seq);
+        }
+        t.consumed(1);
+        t.consumed(2);
+        // 3 never reached the app; 4 and 5 did.
+        t.forget(3);
+        t.consumed(4);
+        t.consumed(5);
+        assert_eq!(t.cursor(), 2, "the next sync starts before 3");
+        assert_eq!(t.take_ack(), Some(2));
+        assert!(t.stale_gap(Duration::ZERO).is_some(), "a gap is open at 3");
+        assert!(t.accept(3), "3 is new again");
+        assert!(
+            !t.accept(4) && !t.accept(5),
+            "4 and 5 are not reported twice"
+        );
+        assert_eq!(t.cursor(), 5);
+        t.hold(3);
+        assert_eq!(t.take_ack(), None, "3 is held until the app takes it");
+        t.consumed(3);
+        assert_eq!(t.take_ack(), Some(5));
+        // Forgetting an entry above a gap takes only that entry back.
+        assert!(t.accept(7));
+        t.hold(7);
+        t.forget(7);
+        assert!(t.accept(7));
+        assert!(t.accept(6));
+        assert_eq!(t.cursor(), 7);
+    }
 
     #[test]
     fn a_rewind_makes_new_entries_at_old_numbers_new_and_holds_old_events() {

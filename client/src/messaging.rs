@@ -666,9 +666,28 @@ impl Inner {
             new
         };
         if new && let Some(event) = event {
+            let unsent = UnsentEvent {
+                inner: self,
+                seq: entry.inbox_seq,
+            };
             self.emit(event).await;
+            std::mem::forget(unsent);
         }
         new
+    }
+}
+
+/// An event held for the app but not yet in its channel. Dropped there (the receiving task
+/// was cancelled while the channel was full), it makes the tracker forget the entry
+/// ([`crate::inbox::InboxTracker::forget`]), so the next sync fetches it again.
+struct UnsentEvent<'a> {
+    inner: &'a Inner,
+    seq: u64,
+}
+
+impl Drop for UnsentEvent<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.inbox).forget(self.seq);
     }
 }
 

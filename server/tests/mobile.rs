@@ -586,3 +586,42 @@ async fn sends_in_flight_when_the_connection_drops_are_stored_in_call_order() {
     assert_eq!(texts, (0..300).map(|i| i.to_string()).collect::<Vec<_>>());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_cut_off_with_a_dropped_link_during_a_sync_is_delivered_after_reconnect() {
+    // Bob comes online to a backlog larger than his app's event channel (1,024), and his
+    // app takes nothing yet: the sync waits to hand over the next entry. The connection then
+    // drops, which cancels the sync task in that wait. The entry must come again after the
+    // reconnect, and acknowledgements must go past it.
+    const SENT: usize = 1_100;
+    // More than the default burst of messages a user may send at once.
+    let server = TestServer::start_with(|c| c.messages_burst = 10_000).await;
+    let (alice, _alice_events) = server.connect("alice", "phone").await;
+    let alice = Arc::new(alice);
+    for send in common::spawn_sends(&alice, "bob", SENT) {
+        send.await.unwrap().unwrap();
+    }
+    let (bob, mut bob_events) = server.connect("bob", "phone").await;
+    // Let the sync fill the channel, up to the entry it cannot hand over.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    bob.connection()
+        .unwrap()
+        .close(0u32.into(), b"simulated loss");
+    let received = collect(&mut bob_events, SENT, 20).await;
+    assert_once_in_order(&received);
+    assert_eq!(bob.stats().reconnects, 1);
+    let head = server.state.store.inbox_head("bob").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let acked = server.state.store.cursor("bob", "phone").unwrap();
+        if acked == head {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledgements stopped at {acked} of {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}

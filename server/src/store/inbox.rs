@@ -73,7 +73,11 @@ impl ChunkBuf {
         let needed = key_len(ENTRIES_TAG) + encoded_len_varint(entry_len as u64) + entry_len;
         // A new chunk makes room for a group's worth of references at once, rather than being
         // reallocated and copied entry by entry.
-        out.reserve(if out.is_empty() { needed.max(CHUNK_START) } else { needed });
+        out.reserve(if out.is_empty() {
+            needed.max(CHUNK_START)
+        } else {
+            needed
+        });
         encode_key(ENTRIES_TAG, WireType::LengthDelimited, out);
         encode_varint(entry_len as u64, out);
         if inbox_seq != 0 {

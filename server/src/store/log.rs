@@ -58,7 +58,11 @@ impl LogChunkBuf {
         let out = &mut self.bytes;
         let mark = usize::from(out.is_empty());
         let needed = mark + key_len(MESSAGES_TAG) + encoded_len_varint(len as u64) + len;
-        out.reserve(if mark == 1 { needed.max(CHUNK_START) } else { needed });
+        out.reserve(if mark == 1 {
+            needed.max(CHUNK_START)
+        } else {
+            needed
+        });
         if mark == 1 {
             out.push(CHUNK_MARK);
         }
