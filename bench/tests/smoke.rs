@@ -40,6 +40,15 @@ fn assert_baseline(json: &serde_json::Map<String, serde_json::Value>) {
 async fn direct_with_its_baseline() {
     let json = run(&["direct", "--duration", "1", "--clients", "4"]).await;
     assert!(json["baseline_msgs_per_s"].as_f64().unwrap() > 0.0);
+    // The machine's CPU per message, from /proc; the server's own share needs a server in a
+    // process of its own, which this in-process run does not have.
+    for prefix in ["", "baseline_"] {
+        let cpu = json[format!("{prefix}machine_cpu_us_per_msg").as_str()].as_f64();
+        assert!(cpu.is_some_and(|us| us > 0.0), "{json:?}");
+        let idle = json[format!("{prefix}machine_idle_pct").as_str()].as_f64();
+        assert!(idle.is_some_and(|p| (0.0..=100.0).contains(&p)), "{json:?}");
+        assert!(json[format!("{prefix}server_cpu_us_per_msg").as_str()].is_null());
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]

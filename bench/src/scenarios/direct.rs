@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::cli::{Common, DirectArgs};
 use crate::clients::{self, PoolOptions};
 use crate::output::{Outcome, Plot, Summary};
+use crate::procfs::{CpuFigures, CpuSample};
 use crate::server::{Kind, Server};
 use crate::traffic::{self, Plan, Receivers, Sent};
 
@@ -24,6 +25,8 @@ pub struct PairsRun {
     pub sent: Sent,
     pub rss_kb: Option<u64>,
     pub placement: &'static str,
+    /// CPU over the sending, per acknowledged message.
+    pub cpu: CpuFigures,
 }
 
 /// Connects `clients` users in pairs and runs the plan against a fresh `kind` server.
@@ -41,7 +44,9 @@ pub async fn pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Re
         app_ids: args.app_ids,
         ..Plan::flat_out(common.duration_or(DEFAULT_SECS), args.in_flight)
     };
+    let cpu = CpuSample::take(server.pid());
     let sent = traffic::send(&flows, plan).await;
+    let cpu = cpu.to_now(sent.acked);
     receivers.wait_for(sent.expected, PATIENCE).await;
     let rss_kb = server.rss_kb();
     let seen = receivers.finish().await;
@@ -52,7 +57,27 @@ pub async fn pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Re
         sent,
         rss_kb,
         placement: server.placement,
+        cpu,
     })
+}
+
+/// The run's CPU figures under `prefix`: null where /proc could not tell (not Linux, or the
+/// server in-process for the server's own share).
+fn add_cpu(json: &mut serde_json::Map<String, serde_json::Value>, prefix: &str, cpu: &CpuFigures) {
+    // One decimal: the figures vary by more than that between runs.
+    let value = |x: Option<f64>| json!(x.map(|x| (x * 10.0).round() / 10.0));
+    json.insert(
+        format!("{prefix}machine_cpu_us_per_msg"),
+        value(cpu.machine_us_per_msg),
+    );
+    json.insert(
+        format!("{prefix}machine_idle_pct"),
+        value(cpu.machine_idle_pct),
+    );
+    json.insert(
+        format!("{prefix}server_cpu_us_per_msg"),
+        value(cpu.process_us_per_msg),
+    );
 }
 
 fn describe(run: &PairsRun, scenario: &str, common: &Common, args: &DirectArgs) -> Outcome {
@@ -65,6 +90,7 @@ fn describe(run: &PairsRun, scenario: &str, common: &Common, args: &DirectArgs) 
     json.insert("send_errors".into(), json!(run.sent.errors));
     super::add_quantiles(&mut json, "ack", &run.sent.ack_latency);
     json.insert("server".into(), json!(run.placement));
+    add_cpu(&mut json, "", &run.cpu);
     Outcome {
         json,
         plots: vec![Plot::Latency {
@@ -128,6 +154,7 @@ fn with_baseline(
     let (base, direct) = rounds.swap_remove(median);
     let mut outcome = describe(&direct, "direct", common, args);
     super::add_baseline(&mut outcome.json, &direct.summary, &base.summary);
+    add_cpu(&mut outcome.json, "baseline_", &base.cpu);
     if args.rounds > 1 {
         let json = &mut outcome.json;
         for (key, total) in totals {
