@@ -135,6 +135,10 @@ pub struct DirectArgs {
     /// round with the median ratio. On a shared machine one pair of runs can be off by a third.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
     pub rounds: u32,
+    /// Client threads, each a current-thread runtime driving its share of the pairs; by
+    /// default one per core. 1 is how the bench drove every client before session 13.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -37,10 +37,9 @@ const TICKS_PER_S: f64 = 100.0;
 pub struct CpuSample {
     machine: Option<MachineTicks>,
     process: Option<u64>,
-    pid: Option<u32>,
 }
 
-/// What a [`CpuSample`] to now shows, per message handled meanwhile.
+/// What two [`CpuSample`]s show, per message handled meanwhile.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CpuFigures {
     /// CPU the machine was busy for (every process and the kernel, steal excluded), µs per
@@ -67,14 +66,12 @@ impl CpuSample {
                 .ok()
                 .and_then(|stat| machine_ticks(&stat)),
             process: pid.and_then(process_ticks),
-            pid,
         }
     }
 
-    /// From this sample to now, divided over `messages`.
-    pub fn to_now(&self, messages: u64) -> CpuFigures {
-        let now = Self::take(self.pid);
-        figures(self, &now, messages)
+    /// From this sample to `later`, divided over `messages`.
+    pub fn to(&self, later: &CpuSample, messages: u64) -> CpuFigures {
+        figures(self, later, messages)
     }
 }
 
@@ -158,7 +155,6 @@ mod tests {
         let at = |busy, idle, process| CpuSample {
             machine: Some(MachineTicks { busy, idle }),
             process: Some(process),
-            pid: Some(1),
         };
         // 2 s busy, 0.5 s idle, 1 s in the process, over 50,000 messages.
         let f = figures(&at(1000, 500, 300), &at(1200, 550, 400), 50_000);

@@ -78,6 +78,16 @@ impl Sent {
             ack_latency: probe::histogram(),
         }
     }
+
+    /// Adds what other senders of the same run did.
+    pub fn merge(&mut self, other: Sent) {
+        self.acked += other.acked;
+        self.errors += other.errors;
+        self.expected += other.expected;
+        self.started = self.started.min(other.started);
+        // Both histograms have the same bounds (probe::histogram), so adding cannot fail.
+        let _ = self.ack_latency.add(&other.ack_latency);
+    }
 }
 
 /// Runs `plan` over `flows` and returns when every send has been answered.

@@ -38,8 +38,18 @@ fn assert_baseline(json: &serde_json::Map<String, serde_json::Value>) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn direct_with_its_baseline() {
-    let json = run(&["direct", "--duration", "1", "--clients", "4"]).await;
+    let json = run(&[
+        "direct",
+        "--duration",
+        "1",
+        "--clients",
+        "4",
+        "--threads",
+        "2",
+    ])
+    .await;
     assert!(json["baseline_msgs_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(json["client_threads"], 2);
     // The machine's CPU per message, from /proc; the server's own share needs a server in a
     // process of its own, which this in-process run does not have.
     for prefix in ["", "baseline_"] {
@@ -79,6 +89,27 @@ async fn direct_in_rounds_reports_the_median_round_and_every_round() {
         sorted[1],
         "{json:?}"
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_rate_is_shared_between_the_client_threads() {
+    let json = run(&[
+        "direct",
+        "--duration",
+        "1",
+        "--clients",
+        "4",
+        "--threads",
+        "2",
+        "--rate",
+        "200",
+    ])
+    .await;
+    assert_eq!(json["client_threads"], 2);
+    // 200 a second over all threads: each thread offers half, so about 200 in the second.
+    // Each thread offering the whole rate would send about 400.
+    let sent = json["sent"].as_u64().unwrap();
+    assert!((1..=300).contains(&sent), "{json:?}");
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -2,63 +2,35 @@
 //! at a rate, with durable acks. The same driver runs against tern and against the forwarder,
 //! so the ratio compares servers and nothing else.
 
-use std::time::Duration;
-
 use serde_json::json;
 
+use super::pairs::{self, PairsRun};
 use crate::cli::{Common, DirectArgs};
-use crate::clients::{self, PoolOptions};
-use crate::output::{Outcome, Plot, Summary};
-use crate::procfs::{CpuFigures, CpuSample};
+use crate::output::{Outcome, Plot};
+use crate::procfs::CpuFigures;
 use crate::server::{Kind, Server};
-use crate::traffic::{self, Plan, Receivers, Sent};
+use crate::traffic::Plan;
+
+pub use super::pairs::PATIENCE;
 
 const DEFAULT_CLIENTS: usize = 100;
 const DEFAULT_SECS: f64 = 10.0;
-/// How long receivers may go without progress before the rest counts as lost.
-pub const PATIENCE: Duration = Duration::from_secs(10);
-
-/// One run of the pairs driver.
-#[derive(Debug)]
-pub struct PairsRun {
-    pub summary: Summary,
-    pub sent: Sent,
-    pub rss_kb: Option<u64>,
-    pub placement: &'static str,
-    /// CPU over the sending, per acknowledged message.
-    pub cpu: CpuFigures,
-}
 
 /// Connects `clients` users in pairs and runs the plan against a fresh `kind` server.
-pub async fn pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Result<PairsRun> {
+pub async fn run_pairs(common: &Common, args: &DirectArgs, kind: Kind) -> anyhow::Result<PairsRun> {
     let server = Server::start(kind, &common.server_options())?;
     let n = common.clients_or(DEFAULT_CLIENTS).max(2) & !1;
     let prefix = if kind == Kind::Tern { "d" } else { "b" };
     let users = super::users(prefix, n);
-    let pool = clients::connect_all(&server, &users, PoolOptions::default(), |_| {}).await?;
-    let (clients, events): (Vec<_>, Vec<_>) = pool.into_iter().unzip();
-    let flows = super::pair_flows(&clients, &users, args.size);
-    let receivers = Receivers::spawn(events, None);
     let plan = Plan {
         rate: args.rate,
         app_ids: args.app_ids,
         ..Plan::flat_out(common.duration_or(DEFAULT_SECS), args.in_flight)
     };
-    let cpu = CpuSample::take(server.pid());
-    let sent = traffic::send(&flows, plan).await;
-    let cpu = cpu.to_now(sent.acked);
-    receivers.wait_for(sent.expected, PATIENCE).await;
-    let rss_kb = server.rss_kb();
-    let seen = receivers.finish().await;
-    drop(flows);
-    super::close_all(clients).await;
-    Ok(PairsRun {
-        summary: Summary::of(&sent, &seen),
-        sent,
-        rss_kb,
-        placement: server.placement,
-        cpu,
-    })
+    let threads = args
+        .threads
+        .map_or_else(pairs::default_threads, usize::from);
+    pairs::run(server, &users, args.size, plan, threads).await
 }
 
 /// The run's CPU figures under `prefix`: null where /proc could not tell (not Linux, or the
@@ -87,6 +59,7 @@ fn describe(run: &PairsRun, scenario: &str, common: &Common, args: &DirectArgs) 
     json.insert("size".into(), json!(args.size));
     json.insert("rate".into(), json!(args.rate));
     json.insert("app_ids".into(), json!(args.app_ids));
+    json.insert("client_threads".into(), json!(run.threads));
     json.insert("send_errors".into(), json!(run.sent.errors));
     super::add_quantiles(&mut json, "ack", &run.sent.ack_latency);
     json.insert("server".into(), json!(run.placement));
@@ -101,13 +74,13 @@ fn describe(run: &PairsRun, scenario: &str, common: &Common, args: &DirectArgs) 
 }
 
 pub async fn run_baseline(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> {
-    let run = pairs(common, args, Kind::Forwarder).await?;
+    let run = run_pairs(common, args, Kind::Forwarder).await?;
     Ok(describe(&run, "relay-baseline", common, args))
 }
 
 pub async fn run(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> {
     if common.no_baseline {
-        let direct = pairs(common, args, Kind::Tern).await?;
+        let direct = run_pairs(common, args, Kind::Tern).await?;
         return Ok(describe(&direct, "direct", common, args));
     }
     let mut rounds = Vec::new();
@@ -115,11 +88,11 @@ pub async fn run(common: &Common, args: &DirectArgs) -> anyhow::Result<Outcome> 
         // ABBA: baseline first in rounds 0, 3, 4, 7, …; tern first in the others.
         let baseline_first = matches!(round % 4, 0 | 3);
         let (base, tern) = if baseline_first {
-            let base = pairs(common, args, Kind::Forwarder).await?;
-            (base, pairs(common, args, Kind::Tern).await?)
+            let base = run_pairs(common, args, Kind::Forwarder).await?;
+            (base, run_pairs(common, args, Kind::Tern).await?)
         } else {
-            let tern = pairs(common, args, Kind::Tern).await?;
-            (pairs(common, args, Kind::Forwarder).await?, tern)
+            let tern = run_pairs(common, args, Kind::Tern).await?;
+            (run_pairs(common, args, Kind::Forwarder).await?, tern)
         };
         rounds.push((base, tern));
     }

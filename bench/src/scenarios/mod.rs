@@ -6,6 +6,7 @@ pub mod group;
 pub mod hol;
 pub mod migration;
 pub mod offline_sync;
+pub mod pairs;
 pub mod soak;
 
 use std::sync::Arc;
