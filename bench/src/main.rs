@@ -33,7 +33,8 @@ fn main() -> ExitCode {
 fn real_main(cli: &Cli) -> anyhow::Result<()> {
     // Current-thread, like the server's default: it drove quinn 1.5–3× faster than a
     // multi-thread runtime on 2 cores (shared/BASELINES.md), and both sides of every
-    // comparison run the same flavour.
+    // comparison run the same flavour. The pairs of `direct` and `relay-baseline` run on
+    // client threads of their own, each also a current-thread runtime (scenarios/pairs.rs).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -225,6 +225,9 @@ pub async fn send_one(
     }
 }
 
+/// How long receivers may go without progress before the rest counts as lost.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
 /// Called for each new message a receiver records: (receiver index, probe, arrival µs).
 pub type OnDelivery = Arc<dyn Fn(usize, &Probe, u64) + Send + Sync>;
 

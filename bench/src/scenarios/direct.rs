@@ -11,8 +11,6 @@ use crate::procfs::CpuFigures;
 use crate::server::{Kind, Server};
 use crate::traffic::Plan;
 
-pub use super::pairs::PATIENCE;
-
 const DEFAULT_CLIENTS: usize = 100;
 const DEFAULT_SECS: f64 = 10.0;
 

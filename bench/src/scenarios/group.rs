@@ -152,7 +152,7 @@ async fn measure(common: &Common, args: &GroupArgs, kind: Kind) -> anyhow::Resul
         let sent = traffic::send(std::slice::from_ref(&flow), plan).await;
         expected_so_far += sent.expected;
         receivers
-            .wait_for(expected_so_far, super::direct::PATIENCE)
+            .wait_for(expected_so_far, crate::traffic::PATIENCE)
             .await;
         let mut last_member = probe::histogram();
         let mut complete = 0;

@@ -56,7 +56,7 @@ async fn migration_run(
     let sent = traffic::send(&flows, plan).await;
     let (migrations, migrate_errors) = migrator.await.unwrap_or((0, 0));
     receivers
-        .wait_for(sent.expected, super::direct::PATIENCE)
+        .wait_for(sent.expected, crate::traffic::PATIENCE)
         .await;
     let seen = receivers.finish().await;
     let reconnects: u64 = clients.iter().map(|c| c.stats().reconnects).sum();

@@ -145,7 +145,7 @@ async fn measure(common: &Common, args: &SoakArgs, kind: Kind) -> anyhow::Result
     sent.errors += group_sent.errors;
     let samples = sampler.await.unwrap_or_default();
     receivers
-        .wait_for(sent.expected, super::direct::PATIENCE)
+        .wait_for(sent.expected, crate::traffic::PATIENCE)
         .await;
     let seen = receivers.finish().await;
     let summary = Summary::of(&sent, &seen);
