@@ -2,7 +2,7 @@
 //! with the clients split over several client threads.
 //!
 //! Each thread runs its own current-thread runtime (the flavour that drove quinn fastest here,
-//! shared/BASELINES.md) with its share of the pairs: their clients, one endpoint, senders and
+//! shared/BASELINES.md) with its share of the pairs: their clients, endpoints, senders and
 //! receivers. One thread for every client left a 2-core machine partly idle: acknowledgements
 //! come back in bursts (a server's group commit answers a whole fsync's worth at once), and
 //! one thread works off each burst alone while the server waits for the sends it releases.
@@ -64,7 +64,7 @@ pub async fn run(
     let server = Arc::new(server);
     let shares = shares(users, threads);
     let threads = shares.len();
-    // Every runtime first: once a thread runs, it waits for the others' milestones.
+    // Every runtime first, so that no thread has started when building one fails.
     let runtimes = (0..threads)
         .map(|_| {
             tokio::runtime::Builder::new_current_thread()
