@@ -139,6 +139,14 @@ pub struct DirectArgs {
     /// default one per core. 1 is how the bench drove every client before session 13.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
+    /// `direct` only: the baseline is this tern-server binary instead of the relay, so the
+    /// rounds compare two server builds (an A/B test of a change) under the same load and
+    /// ordering, and every `baseline_*` figure and ratio is that build's. Both run as child
+    /// processes. To compare settings rather than builds, point it at a wrapper script that
+    /// sets an environment variable or appends to the config file the bench passes with
+    /// `--config`.
+    #[arg(long, value_name = "PATH")]
+    pub baseline_server_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

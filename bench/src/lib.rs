@@ -13,6 +13,7 @@ pub mod procfs;
 pub mod report;
 pub mod scenarios;
 pub mod server;
+pub mod stats;
 pub mod traffic;
 
 pub use cli::{Cli, Common, Scenario};

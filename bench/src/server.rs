@@ -194,7 +194,9 @@ fn running_as_test() -> bool {
         .unwrap_or(false)
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+/// `name` next to the running executable (for tests and benches, next to their `deps/`
+/// folder): where cargo puts the workspace's binaries.
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?;
     // Test and bench executables live one level down, in deps/.

@@ -89,6 +89,76 @@ async fn direct_in_rounds_reports_the_median_round_and_every_round() {
         sorted[1],
         "{json:?}"
     );
+    assert_eq!(json["baseline"], "relay-baseline");
+    // Three rounds are too few for a 95% interval of their median.
+    assert!(json["ratio_ci95"].is_null(), "{json:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn direct_against_another_server_build() {
+    // The workspace build (scripts/test.sh builds it before the tests) puts tern-server next
+    // to the test's deps/ folder. Both sides run it here: an A/B test of a build with itself.
+    let bin = tern_bench::server::sibling("tern-server").unwrap();
+    assert!(
+        bin.exists(),
+        "{bin:?} is missing: build it first (cargo build -p tern-server)"
+    );
+    let bin = bin.to_str().unwrap();
+    let json = run(&[
+        "direct",
+        "--duration",
+        "0.5",
+        "--clients",
+        "2",
+        "--rounds",
+        "6",
+        "--baseline-server-bin",
+        bin,
+    ])
+    .await;
+    assert_eq!(json["baseline"], format!("tern-server {bin}"), "{json:?}");
+    assert_eq!(json["server"], "child", "{json:?}");
+    // The baseline ran as a process of its own, not as the in-process relay.
+    assert!(
+        json["baseline_server_cpu_us_per_msg"].as_f64().is_some(),
+        "{json:?}"
+    );
+    assert_eq!(json["round_ratios"].as_array().unwrap().len(), 6);
+    // Six rounds: the 95% interval of the median is their min..max.
+    let ratios: Vec<f64> = json["round_ratios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    let ci: Vec<f64> = json["ratio_ci95"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(ci, vec![min, max], "{json:?}");
+    let median = json["ratio_to_baseline"].as_f64().unwrap();
+    assert!(ci[0] <= median && median <= ci[1], "{json:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn another_server_build_needs_the_baseline_runs() {
+    for extra in [&["direct", "--no-baseline"][..], &["relay-baseline"][..]] {
+        let mut argv = vec!["tern-bench"];
+        argv.extend_from_slice(extra);
+        argv.extend_from_slice(&["--baseline-server-bin", "/nonexistent/tern-server"]);
+        let cli = Cli::try_parse_from(&argv).unwrap();
+        let err = tern_bench::run(&cli.common, &cli.scenario)
+            .await
+            .expect_err("refused before any server starts");
+        assert!(
+            err.to_string().contains("--baseline-server-bin"),
+            "{extra:?}: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
