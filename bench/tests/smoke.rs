@@ -23,6 +23,32 @@ async fn run(args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
     json
 }
 
+/// A JSON array of numbers, as numbers.
+fn numbers(value: &serde_json::Value) -> Vec<f64> {
+    let array = value
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {value}"));
+    array.iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// `direct` with two tiny clients, 0.5 s runs and `rounds` rounds, plus `extra` options.
+async fn direct_in_rounds(
+    rounds: &str,
+    extra: &[&str],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut args = vec![
+        "direct",
+        "--duration",
+        "0.5",
+        "--clients",
+        "2",
+        "--rounds",
+        rounds,
+    ];
+    args.extend_from_slice(extra);
+    run(&args).await
+}
+
 /// The same-run baseline ran cleanly and the ratios to it are there.
 fn assert_baseline(json: &serde_json::Map<String, serde_json::Value>) {
     assert_eq!(json["baseline_lost"], 0, "{json:?}");
@@ -63,23 +89,9 @@ async fn direct_with_its_baseline() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn direct_in_rounds_reports_the_median_round_and_every_round() {
-    let json = run(&[
-        "direct",
-        "--duration",
-        "0.5",
-        "--clients",
-        "2",
-        "--rounds",
-        "3",
-    ])
-    .await;
+    let json = direct_in_rounds("3", &[]).await;
     assert_eq!(json["rounds"], 3);
-    let ratios: Vec<f64> = json["round_ratios"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_f64().unwrap())
-        .collect();
+    let ratios = numbers(&json["round_ratios"]);
     assert_eq!(ratios.len(), 3);
     assert_eq!(json["round_msgs_per_s"].as_array().unwrap().len(), 3);
     let mut sorted = ratios.clone();
@@ -104,18 +116,7 @@ async fn direct_against_another_server_build() {
         "{bin:?} is missing: build it first (cargo build -p tern-server)"
     );
     let bin = bin.to_str().unwrap();
-    let json = run(&[
-        "direct",
-        "--duration",
-        "0.5",
-        "--clients",
-        "2",
-        "--rounds",
-        "6",
-        "--baseline-server-bin",
-        bin,
-    ])
-    .await;
+    let json = direct_in_rounds("6", &["--baseline-server-bin", bin]).await;
     assert_eq!(json["baseline"], format!("tern-server {bin}"), "{json:?}");
     assert_eq!(json["server"], "child", "{json:?}");
     // The baseline ran as a process of its own, not as the in-process relay.
@@ -123,20 +124,10 @@ async fn direct_against_another_server_build() {
         json["baseline_server_cpu_us_per_msg"].as_f64().is_some(),
         "{json:?}"
     );
-    assert_eq!(json["round_ratios"].as_array().unwrap().len(), 6);
     // Six rounds: the 95% interval of the median is their min..max.
-    let ratios: Vec<f64> = json["round_ratios"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_f64().unwrap())
-        .collect();
-    let ci: Vec<f64> = json["ratio_ci95"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_f64().unwrap())
-        .collect();
+    let ratios = numbers(&json["round_ratios"]);
+    assert_eq!(ratios.len(), 6);
+    let ci = numbers(&json["ratio_ci95"]);
     let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
     let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(ci, vec![min, max], "{json:?}");
