@@ -5,22 +5,28 @@
 
 use clap::Parser as _;
 use tern_bench::Cli;
+use tern_bench::output::Plot;
 
 async fn run(args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    run_with_plots(args).await.json
+}
+
+/// [`run`], keeping the plots.
+async fn run_with_plots(args: &[&str]) -> tern_bench::output::Outcome {
     let mut argv = vec!["tern-bench"];
     argv.extend_from_slice(args);
     argv.extend_from_slice(&["--server", "in-process", "--json"]);
     let cli = Cli::try_parse_from(&argv).unwrap();
     let outcome = tern_bench::run(&cli.common, &cli.scenario).await.unwrap();
-    let json = outcome.json;
+    let json = &outcome.json;
     assert_eq!(json["lost"], 0, "{args:?}: {json:?}");
     assert_eq!(json["duplicated"], 0, "{args:?}: {json:?}");
     assert!(
         json["delivered"].as_u64().unwrap() > 0,
         "{args:?}: {json:?}"
     );
-    assert_baseline(&json);
-    json
+    assert_baseline(json);
+    outcome
 }
 
 /// A JSON array of numbers, as numbers.
@@ -208,7 +214,20 @@ async fn group_fan_out() {
 async fn connections_and_storm() {
     // More offline users than one sender may start conversations with at once (200), so
     // the fill needs several senders.
-    let json = run(&["connections", "--clients", "320", "--settle", "0"]).await;
+    let outcome = run_with_plots(&["connections", "--clients", "320", "--settle", "0"]).await;
+    // One chart for connecting and one for the storm, each tern's and the relay's.
+    let charts: Vec<Vec<&str>> = outcome
+        .plots
+        .iter()
+        .map(|plot| match plot {
+            Plot::Latency { series, .. } => series.iter().map(|(name, _)| name.as_str()).collect(),
+            Plot::Over { .. } => panic!("not a latency chart"),
+        })
+        .collect();
+    assert_eq!(charts.len(), 2, "{charts:?}");
+    assert!(charts[0][0].contains("connecting") && charts[0][1] == "relay-baseline: connecting");
+    assert!(charts[1][0].contains("storm") && charts[1][1] == "relay-baseline: storm");
+    let json = outcome.json;
     assert_eq!(json["send_errors"], 0, "{json:?}");
     assert_eq!(json["delivered"], 320);
     assert!(json["handshakes_ratio_to_baseline"].as_f64().unwrap() > 0.0);
