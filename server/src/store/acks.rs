@@ -15,7 +15,7 @@ use tern_protocol::pb::{self, ReceiptKind};
 
 use super::StoreError;
 use super::keys::{mark_key, pair_key};
-use super::writer::Writer;
+use super::writer::{U64Table, Writer};
 
 /// Most entries one ack reads back from the inbox for receipts; older ones get no receipt.
 const RECEIPT_SCAN_LIMIT: u64 = 10_000;
@@ -204,13 +204,13 @@ impl Writer {
         batch: &mut WriteBatch,
     ) -> Result<(), StoreError> {
         let cursor_key = pair_key(user, device);
-        let old = self.get_u64(&self.ks.cursors, &cursor_key)?;
+        let old = self.get_u64(U64Table::Cursors, &cursor_key)?;
         let head = self.inbox_head(user)?;
         let up_to = up_to.min(head);
         if up_to <= old {
             return Ok(());
         }
-        self.put_u64(&self.ks.cursors.clone(), cursor_key, up_to, batch);
+        self.put_u64(U64Table::Cursors, cursor_key, up_to, batch);
 
         let mut covered = Covered::new();
         let unknown = self.remembered.take(user, old, up_to, head, &mut covered);
@@ -232,7 +232,7 @@ impl Writer {
         }
         for (conv, (max_seq, senders)) in covered {
             let key = mark_key(&conv, user, ReceiptKind::Delivered as u8);
-            if max_seq <= self.get_u64(&self.ks.marks, &key)? {
+            if max_seq <= self.get_u64(U64Table::Marks, &key)? {
                 continue;
             }
             // Former members hear nothing more from the group, receipts included.
@@ -243,7 +243,7 @@ impl Writer {
                     .collect(),
                 None => Vec::new(),
             };
-            self.put_u64(&self.ks.marks.clone(), key, max_seq, batch);
+            self.put_u64(U64Table::Marks, key, max_seq, batch);
             let receipt = super::groups::receipt(&conv, user, ReceiptKind::Delivered, max_seq);
             for sender in &senders {
                 self.append_inbox(sender, &receipt)?;
@@ -356,5 +356,66 @@ mod tests {
             seen(&covered),
             vec![("c".into(), last + 1, vec!["a".into()])]
         );
+    }
+
+    struct Nobody;
+
+    impl crate::delivery::Delivery for Nobody {
+        fn inbox_appended(&self, _: &str, _: &[crate::delivery::NewEntry]) {}
+    }
+
+    /// The writer's copy of cursors and marks ([`super::super::writer::U64Cache`]) must agree
+    /// with disk: a stale ack never moves a cursor or a mark back, also after the copy was
+    /// emptied (a cache of one entry empties it after nearly every group).
+    #[tokio::test]
+    async fn cursors_and_marks_only_move_forward_through_the_writers_cache() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let limits = super::super::StoreLimits {
+            cache_entries: 1,
+            ..super::super::StoreLimits::unthrottled(super::super::Durability::Buffered)
+        };
+        let store = super::super::Store::open(dir.path(), limits, Arc::new(Nobody))?;
+        let writer = store.writer();
+        let user = |name: &str| -> Arc<str> { Arc::from(name) };
+        let send = |from: &str, to: &str| {
+            writer.send(
+                user(from),
+                user("phone"),
+                crate::store::Target::Direct(to.into()),
+                pb::SendMessage {
+                    text: "hi".into(),
+                    ..Default::default()
+                },
+            )
+        };
+        for _ in 0..4 {
+            send("alice", "bob").await?;
+        }
+        let conv = tern_protocol::ids::direct_conversation_id("alice", "bob");
+        let delivered =
+            |store: &super::super::Store| store.mark(&conv, "bob", ReceiptKind::Delivered);
+        // Acks have no answer: a send behind them returns once they are applied.
+        let ack = |who: &str, device: &str, up_to: u64| writer.ack(user(who), user(device), up_to);
+        ack("bob", "phone", 2).await?;
+        send("carol", "dave").await?;
+        assert_eq!(store.cursor("bob", "phone")?, 2);
+        assert_eq!(delivered(&store)?, 2);
+        // Lower, with the value in the copy; then other devices' acks push it out of the
+        // copy, and a lower one again must be read from disk.
+        ack("bob", "phone", 1).await?;
+        ack("dave", "phone", 1).await?;
+        ack("bob", "tablet", 1).await?;
+        send("carol", "dave").await?;
+        ack("bob", "phone", 1).await?;
+        send("carol", "dave").await?;
+        assert_eq!(store.cursor("bob", "phone")?, 2);
+        assert_eq!(store.cursor("bob", "tablet")?, 1);
+        assert_eq!(delivered(&store)?, 2, "the tablet's ack covers nothing new");
+        // Forward again, past the head: clamped to it.
+        ack("bob", "phone", 9).await?;
+        send("carol", "dave").await?;
+        assert_eq!(store.cursor("bob", "phone")?, 4);
+        assert_eq!(delivered(&store)?, 4);
+        Ok(())
     }
 }

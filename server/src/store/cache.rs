@@ -6,7 +6,9 @@
 //! could grow that by messaging made-up users. When either cache holds more than
 //! `StoreLimits::cache_entries`, the writer drops, between groups, every entry whose head is
 //! already published as durable, from the cache and from the published heads; the next use
-//! loads it from disk again.
+//! loads it from disk again. The cursors and receipt marks the writer keeps
+//! ([`super::writer::U64Cache`]) are simply emptied past the same bound: between groups all
+//! of them are committed, so disk has them.
 //!
 //! Why that is safe: a group still waiting for its fsync has moved the heads of what it
 //! appended to past their published values, so an entry whose published head equals the
@@ -30,6 +32,12 @@ impl Writer {
         self.additions.trim(limit, now);
         self.sends.trim(limit, now);
         self.scan_budgets.trim(limit, now);
+        // Everything cached is committed by now (or the store has failed): read back on use.
+        for table in [&mut self.u64_cache.cursors, &mut self.u64_cache.marks] {
+            if table.len() > limit {
+                table.clear();
+            }
+        }
         if self.inbox_heads.len() > limit {
             let before = self.inbox_heads.len();
             let published = &self.published.inbox;

@@ -13,7 +13,7 @@ use tern_protocol::pb::{
 use super::StoreError;
 use super::handle::GroupOp;
 use super::keys::{mark_key, pair_key};
-use super::writer::{Conv, Writer};
+use super::writer::{Conv, U64Table, Writer};
 use crate::auth::unix_now_ms;
 
 /// Most entries one ack or read mark scans for receipts; older ones get no receipt.
@@ -313,7 +313,7 @@ impl Writer {
         let up_to = up_to.min(conv.last_seq);
         let id = conv.id.clone();
         let key = mark_key(&id, user, ReceiptKind::Read as u8);
-        let old = self.get_u64(&self.ks.marks, &key)?;
+        let old = self.get_u64(U64Table::Marks, &key)?;
         if up_to <= old {
             return Ok(old);
         }
@@ -329,7 +329,7 @@ impl Writer {
         if let Some(conv) = self.convs.get(&id) {
             senders.retain(|s| conv.members.contains_key(s));
         }
-        self.put_u64(&self.ks.marks.clone(), key, up_to, batch);
+        self.put_u64(U64Table::Marks, key, up_to, batch);
         let receipt = receipt(&id, user, ReceiptKind::Read, up_to);
         for sender in &senders {
             self.append_inbox(sender, &receipt)?;
