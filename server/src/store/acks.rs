@@ -358,12 +358,6 @@ mod tests {
         );
     }
 
-    struct Nobody;
-
-    impl crate::delivery::Delivery for Nobody {
-        fn inbox_appended(&self, _: &str, _: &[crate::delivery::NewEntry]) {}
-    }
-
     /// The writer's copy of cursors and marks ([`super::super::writer::U64Cache`]) must agree
     /// with disk: a stale ack never moves a cursor or a mark back, also after the copy was
     /// emptied (a cache of one entry empties it after nearly every group).
@@ -374,7 +368,7 @@ mod tests {
             cache_entries: 1,
             ..super::super::StoreLimits::unthrottled(super::super::Durability::Buffered)
         };
-        let store = super::super::Store::open(dir.path(), limits, Arc::new(Nobody))?;
+        let store = super::super::testing::open(&dir, limits)?;
         let writer = store.writer();
         let user = |name: &str| -> Arc<str> { Arc::from(name) };
         let send = |from: &str, to: &str| {

@@ -327,19 +327,13 @@ mod tests {
         Ok(())
     }
 
-    struct Nobody;
-
-    impl crate::delivery::Delivery for Nobody {
-        fn inbox_appended(&self, _: &str, _: &[crate::delivery::NewEntry]) {}
-    }
-
     /// A retry queued right behind its first attempt usually lands in the same group, before
     /// the first attempt is on disk: it must still be found (among the group's own entries).
     #[tokio::test]
     async fn retries_queued_behind_their_first_attempt_are_duplicates() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let limits = super::super::StoreLimits::unthrottled(super::super::Durability::Buffered);
-        let store = super::super::Store::open(dir.path(), limits, Arc::new(Nobody))?;
+        let store = super::super::testing::open(&dir, limits)?;
         let writer = store.writer();
         let (alice, phone): (Arc<str>, Arc<str>) = (Arc::from("alice"), Arc::from("phone"));
         let send = |id: String, retry_after_inbox_seq: Option<u64>| {

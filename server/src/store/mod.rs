@@ -21,6 +21,27 @@ mod reads;
 mod send;
 mod writer;
 
+/// For the store's own tests: a store on a temporary directory, with no devices to deliver to.
+#[cfg(test)]
+mod testing {
+    use std::sync::Arc;
+
+    /// Delivers to nobody: these tests drive the writer alone.
+    struct Nobody;
+
+    impl crate::delivery::Delivery for Nobody {
+        fn inbox_appended(&self, _: &str, _: &[crate::delivery::NewEntry]) {}
+    }
+
+    /// A store in `dir` with `limits`.
+    pub fn open(
+        dir: &tempfile::TempDir,
+        limits: super::StoreLimits,
+    ) -> Result<Arc<super::Store>, super::StoreError> {
+        super::Store::open(dir.path(), limits, Arc::new(Nobody))
+    }
+}
+
 use std::path::Path;
 use std::sync::Arc;
 
