@@ -18,6 +18,7 @@ mod keys;
 mod log;
 mod rate;
 mod reads;
+mod sched;
 mod send;
 mod writer;
 
@@ -45,7 +46,7 @@ mod testing {
 use std::path::Path;
 use std::sync::Arc;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use fjall::{Keyspace, KeyspaceCreateOptions};
 use tern_protocol::ErrorCode;
 use tern_protocol::pb;
 
@@ -191,6 +192,8 @@ pub struct StoreLimits {
     /// limit.
     pub messages_per_minute: u32,
     pub messages_burst: u32,
+    /// Run the writer, the fsync stage and fjall's workers as `SCHED_BATCH` (`store/sched.rs`).
+    pub batch_scheduling: bool,
 }
 
 impl StoreLimits {
@@ -207,6 +210,7 @@ impl StoreLimits {
             member_additions_burst: config.member_additions_burst,
             messages_per_minute: config.messages_per_minute,
             messages_burst: config.messages_burst,
+            batch_scheduling: config.storage_batch_scheduling,
         }
     }
 
@@ -231,7 +235,7 @@ impl Store {
         limits: StoreLimits,
         delivery: Arc<dyn crate::delivery::Delivery>,
     ) -> Result<Arc<Self>, StoreError> {
-        let db = Database::builder(dir).open()?;
+        let db = sched::open_database(dir, limits.batch_scheduling)?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let ks = Keyspaces {
             meta: open("conv_meta")?,

@@ -87,13 +87,24 @@ pub(super) fn spawn(
         handoff,
     };
     let io = |e| StoreError::Storage(fjall::Error::Io(e));
+    let batch = writer.limits.batch_scheduling;
     std::thread::Builder::new()
         .name("tern-store-sync".into())
-        .spawn(move || syncer.run(committed))
+        .spawn(move || {
+            if batch {
+                super::sched::run_as_batch("tern-store-sync");
+            }
+            syncer.run(committed);
+        })
         .map_err(io)?;
     std::thread::Builder::new()
         .name("tern-store-writer".into())
-        .spawn(move || writer.run(rx))
+        .spawn(move || {
+            if batch {
+                super::sched::run_as_batch("tern-store-writer");
+            }
+            writer.run(rx);
+        })
         .map_err(io)?;
     Ok(WriterHandle { tx })
 }
