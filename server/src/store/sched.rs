@@ -11,7 +11,7 @@
 //! a core, which shows in a slightly higher p99.
 //!
 //! Setting it needs no privilege. Where it fails (another OS, a sandbox that forbids it), the
-//! threads keep the default policy and the server says so once in its log.
+//! threads keep the default policy and the server logs a warning for each.
 
 use std::path::Path;
 
@@ -77,9 +77,9 @@ pub(super) fn open_database(dir: &Path, batch: bool) -> Result<Database, StoreEr
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
-    /// The scheduling policy of thread `tid` of this process (field 41 of its stat line).
-    fn policy_of(tid: &str) -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    /// The scheduling policy in the stat file at `path` (its field 41).
+    fn policy_in(path: &str) -> Option<u32> {
+        let stat = std::fs::read_to_string(path).ok()?;
         // The command name (field 2) may hold spaces; the fields after it do not.
         let after_name = &stat[stat.rfind(')')? + 2..];
         after_name.split(' ').nth(38)?.parse().ok()
@@ -95,16 +95,19 @@ mod tests {
             .filter_map(|task| {
                 let tid = task.file_name().into_string().ok()?;
                 let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
-                name.starts_with(prefix).then(|| policy_of(&tid)).flatten()
+                name.starts_with(prefix)
+                    .then(|| policy_in(&format!("/proc/self/task/{tid}/stat")))
+                    .flatten()
             })
             .collect()
     }
 
-    const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
 
     #[test]
     fn storage_threads_run_as_batch_and_the_opener_keeps_its_policy() {
+        let own_before = policy_in("/proc/thread-self/stat");
+        assert!(own_before.is_some(), "cannot read this thread's policy");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::testing::open(
             &dir,
@@ -131,11 +134,9 @@ mod tests {
         for (ok, prefix, found) in all_batch() {
             assert!(ok, "{prefix} threads run with policies {found:?}");
         }
-        let own = std::fs::read_to_string("/proc/thread-self/stat").expect("own stat");
-        let own = &own[own.rfind(')').expect("stat") + 2..];
         assert_eq!(
-            own.split(' ').nth(38).and_then(|p| p.parse().ok()),
-            Some(SCHED_OTHER),
+            policy_in("/proc/thread-self/stat"),
+            own_before,
             "opening the store changed the calling thread's policy"
         );
         drop(store);
