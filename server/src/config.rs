@@ -85,9 +85,10 @@ pub struct Config {
     /// Run the storage threads (the writer, the fsync stage, fjall's flush and compaction
     /// workers) under Linux's `SCHED_BATCH` policy: the same share of the CPU, but a wake-up
     /// waits for the running thread's time slice instead of preempting it, and on a busy node
-    /// that thread is most often the network thread. On: 1.065× the `direct` throughput at
-    /// 100 clients and 1.074× at 1,000 on 2 cores, for a slightly higher p99 (bench/README.md,
-    /// session 18). Off keeps the default policy. No effect on other systems.
+    /// that thread is most often the network thread. On: with 1,000 busy clients on 2 cores,
+    /// 1.09× the `direct` throughput for 6–13% less server CPU per message and a p99 about
+    /// 10% higher; no clear effect with 100 (bench/README.md, session 18). Off keeps the
+    /// default policy. No effect on other systems.
     pub storage_batch_scheduling: bool,
     /// Conversations (direct or group) one user may start per minute, after a burst of
     /// `conversation_starts_burst`; 0 turns the limit off. Every conversation is stored for

@@ -6,9 +6,10 @@
 //! the middle of a connection's packets. `SCHED_BATCH` keeps their share of the CPU (same nice
 //! value, same weight) but lets them wait for the running thread's slice instead of cutting
 //! it short: fewer context switches, and the network thread keeps its caches warm. Measured on
-//! the 2-core machines of bench/README.md (session 18): 1.065× the `direct` throughput at 100
-//! clients and 1.074× at 1,000, in paired rounds; a woken storage thread now waits longer for
-//! a core, which shows in a slightly higher p99.
+//! the 2-core machines of bench/README.md (session 18), in paired rounds: with 1,000 busy
+//! clients, 1.09× the `direct` throughput for 6–13% less server CPU per message; with 100, no
+//! clear effect. A woken storage thread now waits longer for a core, which shows in a p99
+//! about 10% higher.
 //!
 //! Setting it needs no privilege. Where it fails (another OS, a sandbox that forbids it), the
 //! threads keep the default policy and the server logs a warning for each.
